@@ -1,0 +1,94 @@
+"""NATS and JetStream for synchronous code.
+
+Function handlers run in waitress's worker threads, while nats-py is asyncio. One event
+loop per process runs in a daemon thread and owns the connection; `Bus.call` runs a
+coroutine there and waits for it. The connection reconnects forever, so a restarted NATS
+server is a pause, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+T = TypeVar("T")
+
+
+class Bus:
+    def __init__(self, url: str, name: str = "faasci"):
+        self.url = url
+        self.name = name
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
+        self._thread.start()
+        self._nc: nats.NATS | None = None
+        self._buckets: dict[str, KeyValue] = {}
+        self._connect_lock = asyncio.Lock()
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = 60) -> T:
+        """Run `fn(*args)` on the bus's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(timeout)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    async def nc(self) -> nats.NATS:
+        async with self._connect_lock:
+            if self._nc is None:
+                self._nc = await nats.connect(
+                    self.url,
+                    name=self.name,
+                    connect_timeout=5,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                )
+        return self._nc
+
+    async def js(self) -> JetStreamContext:
+        return (await self.nc()).jetstream(timeout=10)
+
+    async def bucket(self, name: str) -> KeyValue:
+        """The key-value bucket, created with file storage on first use."""
+        if name not in self._buckets:
+            js = await self.js()
+            try:
+                self._buckets[name] = await js.key_value(name)
+            except BucketNotFoundError:
+                self._buckets[name] = await js.create_key_value(
+                    KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+                )
+        return self._buckets[name]
+
+    async def ensure_stream(self, name: str, subjects: list[str], **config: Any) -> None:
+        """Create the stream when it is missing (every replica may race to do so: adding an
+        identical stream is a no-op)."""
+        js = await self.js()
+        await js.add_stream(
+            StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, **config)
+        )
+
+    async def publish_json(self, subject: str, payload: dict, msg_id: str | None = None) -> None:
+        js = await self.js()
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await js.publish(subject, json.dumps(payload).encode(), headers=headers)
+
+    def close(self) -> None:
+        async def _close():
+            if self._nc is not None:
+                await self._nc.drain()
+
+        try:
+            self.call(_close, timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,0 +1,236 @@
+"""The `faasci` command: the local stack, runs, logs and single invocations.
+
+Everything but `up` and `down` talks HTTP to the gateway (OPENFAAS_URL, else stack.yml's
+provider.gateway), so the same commands work against a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import requests
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .invoke import Gateway
+from .local import control
+from .local.config import LocalConfig
+
+err = Console(stderr=True)
+STYLE = {
+    "passed": "green",
+    "failed": "red",
+    "running": "yellow",
+    "queued": "cyan",
+    "cancelled": "magenta",
+    "skipped": "dim",
+    "pending": "dim",
+}
+
+
+class CommandError(Exception):
+    """Printed as one line; the command exits 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.command(args) or 0
+    except CommandError as e:
+        err.print(f"[red]error:[/] {e}")
+        return 2
+    except requests.ConnectionError:
+        err.print(
+            f"[red]error:[/] the gateway at {gateway_url()} is not reachable "
+            "(is the stack up? `faasci up`)"
+        )
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faasci", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(required=True, metavar="command")
+
+    def command(name, fn, help):
+        c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(command=fn)
+        return c
+
+    command("up", cmd_up, "start the local stack (idempotent)")
+    command("down", cmd_down, "stop the local stack, keeping its data")
+    c = command("run", cmd_run, "run the pipeline of a local path or git URL, wait for the result")
+    c.add_argument(
+        "repo", help="a folder (its working tree, uncommitted changes included) or a git URL"
+    )
+    c.add_argument("--ref", help="branch, tag or commit (default: the working tree, or HEAD)")
+    c.add_argument("--follow", action="store_true", help="show live progress per stage")
+    c.add_argument("--json", action="store_true", help="print the final run record as JSON")
+    c.add_argument("--detach", action="store_true", help="start the run and return at once")
+    c.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    c = command("runs", cmd_runs, "list recent runs")
+    c.add_argument("--limit", type=int, default=20)
+    c.add_argument("--json", action="store_true")
+    c = command("show", cmd_show, "show one run")
+    c.add_argument("run")
+    c.add_argument("--json", action="store_true")
+    c = command("logs", cmd_logs, "print the logs of a run's stages")
+    c.add_argument("run")
+    c.add_argument("stage", nargs="?")
+    c = command("invoke", cmd_invoke, "invoke a function through the gateway, print its answer")
+    c.add_argument("function")
+    c.add_argument("body", nargs="?", default="", help="request body (JSON)")
+    c.add_argument("--async", dest="is_async", action="store_true", help="queue it (202)")
+    return p
+
+
+def gateway_url() -> str:
+    if os.environ.get("OPENFAAS_URL"):
+        return os.environ["OPENFAAS_URL"].rstrip("/")
+    return LocalConfig.from_env().gateway_url
+
+
+def gateway() -> Gateway:
+    return Gateway(gateway_url())
+
+
+def answer(resp: requests.Response) -> dict:
+    """The JSON of a 2xx answer; a 4xx/5xx becomes a CommandError naming the problem."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"error": resp.text.strip()[:500]}
+    if resp.status_code >= 400:
+        raise CommandError(f"{body.get('error', body)} (HTTP {resp.status_code})")
+    return body
+
+
+def cmd_up(args) -> int:
+    control.up(LocalConfig.from_env(), say=err.print)
+    return 0
+
+
+def cmd_down(args) -> int:
+    control.down(LocalConfig.from_env(), say=err.print)
+    return 0
+
+
+def cmd_run(args) -> int:
+    repo = os.path.abspath(args.repo) if os.path.exists(args.repo) else args.repo
+    body = {"repo": repo, "trigger": "cli", **({"ref": args.ref} if args.ref else {})}
+    run = answer(gateway().call("runs", body, timeout=300))
+    err.print(
+        f"run [bold]{run['id']}[/]: {run['service']} at {run['commit'][:12]}"
+        + (" (snapshot of the working tree)" if run.get("snapshot") else "")
+    )
+    if args.detach:
+        print(json.dumps(run, indent=2) if args.json else run["id"])
+        return 0
+    run = follow(run["id"], args.timeout, live=args.follow)
+    if args.json:
+        print(json.dumps(run, indent=2))
+    else:
+        err.print(stages_table(run))
+    err.print(
+        f"run {run['id']} [{STYLE.get(run['status'], '')}]{run['status']}[/]"
+        + (f" in {run['duration_s']:.1f}s" if run.get("duration_s") else "")
+    )
+    return 0 if run["status"] == "passed" else 1
+
+
+def follow(run_id: str, timeout: float, live: bool) -> dict:
+    gw, deadline = gateway(), time.monotonic() + timeout
+    with Live(console=err, transient=False, auto_refresh=False, redirect_stderr=False) as view:
+        while True:
+            run = answer(gw.call("runs", method="GET", path=run_id))
+            if live:
+                view.update(stages_table(run), refresh=True)
+            if run["status"] in ("passed", "failed", "cancelled"):
+                return run
+            if time.monotonic() > deadline:
+                raise CommandError(f"run {run_id} still {run['status']} after {timeout:.0f}s")
+            time.sleep(0.5)
+
+
+def stages_table(run: dict) -> Table:
+    table = Table(title=f"{run['service']} {run['ref']} {run['commit'][:12]}", title_justify="left")
+    for column in ("stage", "status", "attempts", "exit", "duration"):
+        table.add_column(column)
+    for stage in run["stages"]:
+        last = stage["attempts"][-1] if stage["attempts"] else {}
+        duration = stage.get("duration_s") or last.get("duration_s")
+        table.add_row(
+            stage["name"],
+            f"[{STYLE.get(stage['status'], '')}]{stage['status']}[/]",
+            str(len(stage["attempts"])),
+            "" if last.get("exit_code") is None else str(last["exit_code"]),
+            f"{duration:.1f}s" if duration else "",
+        )
+    return table
+
+
+def cmd_runs(args) -> int:
+    runs = answer(gateway().call("runs", method="GET", query={"limit": args.limit}))["runs"]
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    table = Table("run", "service", "ref", "commit", "trigger", "status", "duration")
+    for run in runs:
+        table.add_row(
+            run["id"],
+            run["service"],
+            run["ref"],
+            run["commit"][:12],
+            run["trigger"],
+            f"[{STYLE.get(run['status'], '')}]{run['status']}[/]",
+            f"{run['duration_s']:.1f}s" if run.get("duration_s") else "",
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_show(args) -> int:
+    run = answer(gateway().call("runs", method="GET", path=args.run))
+    if args.json:
+        print(json.dumps(run, indent=2))
+    else:
+        Console().print(stages_table(run))
+        print(f"status: {run['status']}  trigger: {run['trigger']}  repo: {run['repo']}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    gw = gateway()
+    run = answer(gw.call("runs", method="GET", path=args.run))
+    stages = [s for s in run["stages"] if args.stage in (None, s["name"])]
+    if not stages:
+        raise CommandError(f"run {args.run} has no stage {args.stage!r}")
+    for stage in stages:
+        for attempt in stage["attempts"]:
+            resp = gw.call(
+                "pipeline-log",
+                method="GET",
+                path=f"{run['id']}/{stage['name']}/{attempt['number']}",
+            )
+            print(f"==> {stage['name']} attempt {attempt['number']} ({attempt['status']}) <==")
+            print(resp.text if resp.ok else f"(log unavailable: HTTP {resp.status_code})")
+    return 0
+
+
+def cmd_invoke(args) -> int:
+    gw = gateway()
+    body = args.body.encode()
+    if args.is_async:
+        resp = gw.session.post(f"{gw.url}/async-function/{args.function}", data=body)
+    else:
+        resp = gw.call(args.function, body, timeout=3600)
+    sys.stdout.write(resp.text if resp.text.endswith("\n") else resp.text + "\n")
+    return 0 if resp.status_code < 400 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Where the local stack lives and listens. Everything can be moved by environment
+variables, so tests run a second stack beside a developer's."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .. import stack
+
+
+def find_stack_file(start: Path | None = None) -> Path:
+    if os.environ.get("FAASCI_STACK"):
+        return Path(os.environ["FAASCI_STACK"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "stack.yml").is_file():
+            return folder / "stack.yml"
+    raise SystemExit("no stack.yml here or above; set FAASCI_STACK")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    stack_file: Path
+    home: Path
+    gateway_url: str
+    nats_port: int
+    s3_port: int
+    secrets_dir: Path
+
+    @classmethod
+    def from_env(cls, stack_file: Path | None = None) -> LocalConfig:
+        stack_file = stack_file or find_stack_file()
+        home = Path(os.environ.get("FAASCI_HOME") or stack_file.parent / ".faasci").resolve()
+        gateway = os.environ.get("OPENFAAS_URL") or stack.load(stack_file).gateway
+        return cls(
+            stack_file=stack_file,
+            home=home,
+            gateway_url=gateway.rstrip("/"),
+            nats_port=int(os.environ.get("FAASCI_NATS_PORT", "4222")),
+            s3_port=int(os.environ.get("FAASCI_S3_PORT", "8333")),
+            secrets_dir=Path(os.environ.get("FAASCI_SECRETS_DIR") or home / "secrets").resolve(),
+        )
+
+    @property
+    def gateway_port(self) -> int:
+        return urlparse(self.gateway_url).port or 8080
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    # Folders under home: data survives `faasci down`; run holds pid files.
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def workdir(self) -> Path:
+        return self.home / "work"
+
+    def env(self) -> dict[str, str]:
+        """The environment that points a process (the gateway, the CLI) at this stack."""
+        return {
+            "FAASCI_STACK": str(self.stack_file),
+            "FAASCI_HOME": str(self.home),
+            "OPENFAAS_URL": self.gateway_url,
+            "FAASCI_NATS_PORT": str(self.nats_port),
+            "FAASCI_S3_PORT": str(self.s3_port),
+            "FAASCI_SECRETS_DIR": str(self.secrets_dir),
+        }
+
+
+def tool(name: str) -> str:
+    """A program installed beside this Python (nats-server and weed come from pip)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SystemExit(f"{name} is not installed in {path.parent}; run ./scripts/install")
+    return str(path)

@@ -1,0 +1,166 @@
+"""Asynchronous invocations, as OpenFaaS's gateway and queue-worker do them: the gateway
+publishes the request on JetStream and answers 202; the worker invokes the function, then
+POSTs its response to X-Callback-Url with X-Call-Id, X-Duration-Seconds,
+X-Function-Status and X-Function-Name.
+
+Unlike the community queue-worker, several invocations run at once (a stage holds its
+invocation for minutes), the message is kept in progress while the function works, and
+a function that is down (restarting) gets the request again a little later instead of
+losing it. The stream uses file storage, so queued requests survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+import requests
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from ..bus import Bus
+
+log = logging.getLogger("faasci.queue")
+
+STREAM = "faas-request"
+DURABLE = "faas-queue-worker"
+ACK_WAIT_S = 30
+MAX_DELIVER = 20
+HEARTBEAT_S = 10
+
+
+def request_message(
+    function: str,
+    path: str,
+    method: str,
+    query: str,
+    headers: dict,
+    body: bytes,
+    call_id: str,
+    callback_url: str | None,
+) -> dict:
+    return {
+        "function": function,
+        "path": path,
+        "method": method,
+        "query": query,
+        "headers": headers,
+        "body": base64.b64encode(body).decode(),
+        "call_id": call_id,
+        "callback_url": callback_url,
+        "start_ns": time.time_ns(),
+    }
+
+
+async def enqueue(bus: Bus, message: dict) -> None:
+    # The call id doubles as JetStream's Msg-Id: a repeated request is stored once.
+    await bus.publish_json(f"{STREAM}.{message['function']}", message, msg_id=message["call_id"])
+
+
+async def ensure_queue(bus: Bus) -> None:
+    await bus.ensure_stream(STREAM, [f"{STREAM}.>"], duplicate_window=600)
+
+
+class QueueWorker:
+    def __init__(self, bus: Bus, invoke, concurrency: int = 32):
+        """`invoke(function, path, method, query, headers, body) -> (status, headers, body)`
+        calls the function; it raises ConnectionError when the function cannot be reached."""
+        self.bus, self.invoke, self.concurrency = bus, invoke, concurrency
+        self.session = requests.Session()
+
+    async def run(self) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        while True:
+            try:
+                await ensure_queue(self.bus)
+                js = await self.bus.js()
+                sub = await js.pull_subscribe(
+                    f"{STREAM}.>",
+                    durable=DURABLE,
+                    stream=STREAM,
+                    config=ConsumerConfig(
+                        ack_policy=AckPolicy.EXPLICIT,
+                        ack_wait=ACK_WAIT_S,
+                        max_deliver=MAX_DELIVER,
+                        max_ack_pending=10_000,
+                    ),
+                )
+                while True:
+                    await slots.acquire()
+                    try:
+                        msgs = await sub.fetch(1, timeout=5)
+                    except Exception:  # nothing queued (timeout) or NATS restarting
+                        slots.release()
+                        continue
+                    for msg in msgs:
+                        asyncio.create_task(self._handle(msg, slots))
+            except Exception as e:  # NATS away: subscribe again once it is back
+                log.warning("queue worker: %s; retrying", e)
+                await asyncio.sleep(1)
+
+    async def _handle(self, msg, slots: asyncio.Semaphore) -> None:
+        try:
+            message = json.loads(msg.data)
+            heartbeat = asyncio.create_task(self._keep_in_progress(msg))
+            try:
+                status, headers, body = await asyncio.to_thread(self._invoke, message)
+            except ConnectionError as e:
+                if msg.metadata.num_delivered < MAX_DELIVER:
+                    log.warning("%s unreachable (%s); redelivering", message["function"], e)
+                    await msg.nak(delay=2)
+                    return
+                status, headers, body = 503, {}, json.dumps({"error": str(e)}).encode()
+            finally:
+                heartbeat.cancel()
+            await asyncio.to_thread(self._callback, message, status, headers, body)
+            await msg.ack()
+        except Exception:
+            log.exception("queue worker: message failed")
+        finally:
+            slots.release()
+
+    def _invoke(self, message: dict) -> tuple[int, dict, bytes]:
+        headers = {
+            **message["headers"],
+            "X-Call-Id": message["call_id"],
+            "X-Start-Time": str(message["start_ns"]),
+        }
+        return self.invoke(
+            message["function"],
+            message["path"],
+            message["method"],
+            message["query"],
+            headers,
+            base64.b64decode(message["body"]),
+        )
+
+    async def _keep_in_progress(self, msg) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await msg.in_progress()
+
+    def _callback(self, message: dict, status: int, headers: dict, body: bytes) -> None:
+        url = message.get("callback_url")
+        duration = (time.time_ns() - message["start_ns"]) / 1e9
+        log.info(
+            "async %s %s -> %s in %.3fs", message["function"], message["call_id"], status, duration
+        )
+        if not url:
+            return
+        try:
+            self.session.post(
+                url,
+                data=body,
+                timeout=30,
+                headers={
+                    "Content-Type": headers.get("Content-Type", "application/octet-stream"),
+                    "X-Call-Id": message["call_id"],
+                    "X-Duration-Seconds": f"{duration:.6f}",
+                    "X-Function-Status": str(status),
+                    "X-Function-Name": message["function"],
+                },
+            )
+        except requests.RequestException as e:
+            log.warning("callback to %s failed: %s", url, e)

@@ -1,0 +1,96 @@
+"""The real servers of the local stack: NATS with JetStream, and SeaweedFS's S3 gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import requests
+
+from . import processes
+from .config import LocalConfig, tool
+
+
+def nats_argv(cfg: LocalConfig) -> list[str]:
+    return [
+        tool("nats-server"),
+        "-js",
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(cfg.nats_port),
+        "-sd",
+        str(cfg.data / "nats"),
+        "-m",
+        str(cfg.nats_port + 4000),
+        "-n",
+        "faasci",
+    ]
+
+
+def s3_argv(cfg: LocalConfig) -> list[str]:
+    """SeaweedFS's master, volume, filer and S3 gateway on ports just above the S3 port
+    (HTTP at +1..+3, gRPC at +10..+13). S3 requires the stack's own credentials."""
+    p = cfg.s3_port
+    return [
+        tool("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-dir={cfg.data / 's3'}", "-master.telemetry=false", "-master.volumeSizeLimitMB=256",
+        f"-master.port={p + 1}", f"-volume.port={p + 2}", f"-filer.port={p + 3}",
+        f"-s3.port.grpc={p + 10}", f"-master.port.grpc={p + 11}",
+        f"-volume.port.grpc={p + 12}", f"-filer.port.grpc={p + 13}",
+        "-s3", f"-s3.port={p}", f"-s3.config={cfg.run / 's3.json'}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+
+
+def write_s3_identities(cfg: LocalConfig, access_key: str, secret_key: str) -> None:
+    identities = {
+        "identities": [
+            {
+                "name": "faasci",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    path = cfg.run / "s3.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identities))
+    os.chmod(path, 0o600)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def nats_ready(cfg: LocalConfig) -> bool:
+    r = requests.get(
+        f"http://127.0.0.1:{cfg.nats_port + 4000}/healthz?js-enabled-only=true", timeout=2
+    )
+    return r.status_code == 200
+
+
+def s3_ready(cfg: LocalConfig) -> bool:
+    # Any HTTP answer from the S3 port (403 without credentials) means the gateway is serving.
+    return requests.get(cfg.s3_url, timeout=2).status_code in (200, 403)
+
+
+def start_nats(cfg: LocalConfig, env: dict[str, str]) -> bool:
+    if processes.pid_of(cfg.run, "nats"):
+        return False
+    (cfg.data / "nats").mkdir(parents=True, exist_ok=True)
+    processes.start(cfg.run, "nats", nats_argv(cfg), cfg.logs / "nats.log", env)
+    processes.wait_until(lambda: nats_ready(cfg), 30, "NATS")
+    return True
+
+
+def start_s3(cfg: LocalConfig, env: dict[str, str]) -> bool:
+    if processes.pid_of(cfg.run, "s3"):
+        return False
+    (cfg.data / "s3").mkdir(parents=True, exist_ok=True)
+    processes.start(cfg.run, "s3", s3_argv(cfg), cfg.logs / "s3.log", env, cwd=cfg.data / "s3")
+    processes.wait_until(lambda: s3_ready(cfg), 60, "SeaweedFS S3")
+    return True

@@ -1,0 +1,110 @@
+"""The per-repository pipeline file, `.faasci.yml`, and the defaults used when there is none.
+
+    service: my-service
+    env: {KEY: value}
+    stages:
+      unit: {run: ["pytest"], timeout: 300, retries: 1}
+
+Listed stages run in the canonical order of faasci.STAGES; unlisted ones are skipped.
+Unknown keys are kept (later features read them) but never change these keys' meaning.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import STAGES
+from .errors import Unprocessable
+
+FILENAME = ".faasci.yml"
+
+RetryReason = Literal["exit", "timeout", "infra"]
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    run: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    timeout: int = Field(default=600, gt=0, le=6 * 3600, description="seconds for all commands")
+    retries: int = Field(default=3, ge=0, le=10)
+    # A failing test fails fast; infrastructure trouble and timeouts are worth another try.
+    retry_on: list[RetryReason] = ["timeout", "infra"]
+
+    @field_validator("run", mode="before")
+    @classmethod
+    def _one_command_as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class Pipeline(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    service: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    env: dict[str, str | int | float | bool] = {}
+    stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env):
+        for name in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return env
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages):
+        for name in stages:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        return {name: stages[name] for name in STAGES if name in stages}
+
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+    def environment(self) -> dict[str, str]:
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.env.items()}
+
+
+def parse(text: str, default_service: str) -> Pipeline:
+    """Parse a pipeline file; errors name the offending field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise Unprocessable(f"{FILENAME} is not valid YAML{where}", field=FILENAME) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise Unprocessable(f"{FILENAME} must be a mapping", field=FILENAME)
+    data.setdefault("service", default_service)
+    return validate(data)
+
+
+def validate(data: dict) -> Pipeline:
+    try:
+        return Pipeline.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or FILENAME
+        raise Unprocessable(f"{FILENAME}: {field}: {first['msg']}", field=field) from None
+
+
+def default(files: set[str], service: str) -> Pipeline:
+    """The pipeline for a repository without a pipeline file, from the files at its root."""
+    if "package.json" in files:
+        stages = {"lint": ["npm ci", "npm run lint"], "unit": ["npm ci", "npm test"]}
+    elif files & {"pyproject.toml", "setup.py", "setup.cfg", "requirements.txt"}:
+        stages = {"lint": ["ruff check ."], "unit": ["python -m pytest -q"]}
+    else:
+        raise Unprocessable(
+            f"no {FILENAME} and no recognised project (pyproject.toml, setup.py, "
+            "requirements.txt or package.json) at the repository root",
+            field=FILENAME,
+        )
+    return validate({"service": service, "stages": {k: {"run": v} for k, v in stages.items()}})

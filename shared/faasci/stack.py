@@ -1,0 +1,74 @@
+"""Reading stack.yml as faas-cli does: `${VAR:-default}` substitution, environment_file
+merged under each function's own environment, secrets, labels and annotations."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+ENV_RE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def substitute(text: str, env: dict[str, str]) -> str:
+    return ENV_RE.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+@dataclass
+class FunctionSpec:
+    name: str
+    handler: Path
+    image: str
+    environment: dict[str, str] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> str | None:
+        """The cron schedule cron-connector would honour for this function, if any."""
+        if self.annotations.get("topic") == "cron-function":
+            return self.annotations.get("schedule")
+        return None
+
+
+@dataclass
+class Stack:
+    path: Path
+    gateway: str
+    functions: dict[str, FunctionSpec]
+
+    @property
+    def gateway_port(self) -> int:
+        return urlparse(self.gateway).port or 8080
+
+
+def load(path: Path, env: dict[str, str] | None = None) -> Stack:
+    env = dict(os.environ) if env is None else env
+    base = path.parent
+    data = yaml.safe_load(substitute(path.read_text(), env))
+    functions = {}
+    for name, spec in (data.get("functions") or {}).items():
+        environment: dict[str, str] = {}
+        for extra in spec.get("environment_file") or []:
+            loaded = yaml.safe_load(substitute((base / extra).read_text(), env)) or {}
+            environment.update(_strings(loaded.get("environment")))
+        environment.update(_strings(spec.get("environment")))
+        functions[name] = FunctionSpec(
+            name=name,
+            handler=(base / spec["handler"]).resolve(),
+            image=spec.get("image", ""),
+            environment=environment,
+            secrets=list(spec.get("secrets") or []),
+            labels=_strings(spec.get("labels")),
+            annotations=_strings(spec.get("annotations")),
+        )
+    return Stack(path=path, gateway=data["provider"]["gateway"], functions=functions)
+
+
+def _strings(mapping) -> dict[str, str]:
+    return {str(k): "" if v is None else str(v) for k, v in (mapping or {}).items()}

@@ -1,0 +1,108 @@
+"""Run records in a NATS JetStream key-value bucket, and an event on NATS for every change.
+
+Updates are compare-and-set on the entry's revision, so two functions changing one run
+at once never overwrite each other: the loser re-reads and applies its change again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from nats.js.errors import (
+    InvalidKeyError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
+
+from .bus import Bus
+from .errors import NotFound
+from .runs import Run
+
+T = TypeVar("T")
+
+BUCKET = "faasci-runs"
+EVENTS_STREAM = "FAASCI_EVENTS"
+EVENTS_SUBJECT = "faasci.events"  # faasci.events.<run id>
+
+
+class RunStore:
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self._ready = False
+
+    async def _kv(self):
+        if not self._ready:
+            await self.bus.ensure_stream(
+                EVENTS_STREAM, [f"{EVENTS_SUBJECT}.>"], max_age=7 * 24 * 3600
+            )
+            self._ready = True
+        return await self.bus.bucket(BUCKET)
+
+    def create(self, run: Run) -> Run:
+        async def _create():
+            kv = await self._kv()
+            await kv.create(run.id, run.model_dump_json().encode())
+            await self._publish(run, "run.created")
+
+        self.bus.call(_create)
+        return run
+
+    def get(self, run_id: str) -> Run:
+        return self.bus.call(self._get, run_id)[0]
+
+    async def _get(self, run_id: str) -> tuple[Run, int]:
+        kv = await self._kv()
+        try:
+            entry = await kv.get(run_id)
+        except (KeyNotFoundError, InvalidKeyError):
+            raise NotFound(f"no run {run_id!r}", field="run_id") from None
+        return Run.model_validate_json(entry.value), entry.revision
+
+    def update(self, run_id: str, change: Callable[[Run], T], event: str) -> tuple[Run, T]:
+        """Apply `change` to the run atomically; retried on a concurrent write. An exception
+        from `change` leaves the record untouched."""
+
+        async def _update():
+            kv = await self._kv()
+            while True:
+                run, revision = await self._get(run_id)
+                result = change(run)
+                try:
+                    await kv.update(run_id, run.model_dump_json().encode(), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue
+                await self._publish(run, event)
+                return run, result
+
+        return self.bus.call(_update)
+
+    def list(self, limit: int = 50) -> list[Run]:
+        """The newest runs first (run ids sort by creation time)."""
+
+        async def _list():
+            kv = await self._kv()
+            try:
+                keys = await kv.keys()
+            except NoKeysError:  # an empty bucket
+                return []
+            runs = []
+            for key in sorted(keys, reverse=True)[:limit]:
+                with contextlib.suppress(NotFound):  # deleted between listing and reading
+                    runs.append((await self._get(key))[0])
+            return runs
+
+        return self.bus.call(_list)
+
+    async def _publish(self, run: Run, event: str) -> None:
+        await self.bus.publish_json(
+            f"{EVENTS_SUBJECT}.{run.id}",
+            {
+                "event": event,
+                "run_id": run.id,
+                "status": run.status,
+                "stages": {s.name: s.status for s in run.stages},
+            },
+        )

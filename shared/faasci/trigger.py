@@ -1,0 +1,72 @@
+"""Starting runs: pin the repository to a commit, read its pipeline, record the run and
+hand it to its first stage."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from . import git, pipeline, services
+from .errors import Unprocessable
+from .runs import Run, new_run
+from .settings import settings
+from .stage import dispatch
+
+log = logging.getLogger("faasci.trigger")
+
+
+def start_run(
+    repo: str,
+    ref: str | None = None,
+    *,
+    trigger: str = "manual",
+    only: str | None = None,
+    commit: str | None = None,
+    dispatch_first: bool = True,
+) -> Run:
+    """Create a run of `repo` at `ref` (or at `commit`, recorded under `ref`).
+
+    `only` makes a single-stage run (an HTTP invocation of one stage); `dispatch_first=False`
+    leaves the first stage queued for the caller to execute."""
+    s = settings()
+    s.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=s.workdir, prefix="resolve-") as scratch:
+        resolved = git.resolve(repo, commit or ref, s.snapshots, scratch=Path(scratch))
+    spec = (
+        pipeline.parse(resolved.pipeline_text, resolved.name)
+        if resolved.pipeline_text is not None
+        else pipeline.default(resolved.files, resolved.name)
+    )
+    if only and only not in spec.stages:
+        raise Unprocessable(f"the pipeline of {repo} has no stage {only!r}", field="stage")
+    run = new_run(
+        spec,
+        only=only,
+        repo=repo,
+        ref=ref if commit and ref else resolved.ref,
+        commit=resolved.commit,
+        source=resolved.source,
+        path=resolved.path,
+        snapshot=resolved.snapshot,
+        trigger=trigger,
+    )
+    services.run_store().create(run)
+    log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
+    if dispatch_first:
+        dispatch(run.id, run.stages[0].name, 1)
+    return run
+
+
+def scheduled(only: str | None = None) -> dict:
+    """What a cron-connector request starts: one run per configured repository
+    (SCHEDULED_REPOS, entries `<repo>` or `<repo>#<ref>`)."""
+    started, failed = [], []
+    for entry in settings().scheduled_repos:
+        repo, _, ref = entry.partition("#")
+        try:
+            started.append(start_run(repo, ref or None, trigger="cron", only=only).id)
+        except Exception as e:  # one bad entry must not stop the others
+            log.warning("scheduled run of %s failed to start: %s", repo, e)
+            failed.append({"repo": repo, "error": str(e)})
+    return {"trigger": "cron", "started": started, "failed": failed}
