@@ -82,6 +82,8 @@ def validate_repo(repo: str) -> str:
     if repo.startswith("-") or "\n" in repo or "\0" in repo:
         raise UserError(f"repo {repo!r} is not a git URL or a path", field="repo")
     if URL_RE.match(repo):
+        if re.search(r"(?:://|@)-", repo):  # ssh would read such a host as an option
+            raise UserError(f"repo {repo!r}: a host or user may not start with '-'", field="repo")
         return repo
     if not os.path.isabs(repo):
         raise UserError(f"repo {repo!r} must be a git URL or an absolute path", field="repo")

@@ -15,7 +15,14 @@ import re
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from . import STAGES
 from .errors import Unprocessable
@@ -25,12 +32,24 @@ FILENAME = ".faasci.yml"
 RetryReason = Literal["exit", "timeout", "infra"]
 
 
+def _scalar(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ValueError("must be a string, a number or a boolean")
+
+
+EnvValue = Annotated[str, BeforeValidator(_scalar)]
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     run: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-    timeout: int = Field(default=600, gt=0, le=6 * 3600, description="seconds for all commands")
-    retries: int = Field(default=3, ge=0, le=10)
+    # Strict: YAML's `true` is not a number of seconds or of retries.
+    timeout: int = Field(default=600, gt=0, le=6 * 3600, strict=True, description="seconds")
+    retries: int = Field(default=3, ge=0, le=10, strict=True)
     # A failing test fails fast; infrastructure trouble and timeouts are worth another try.
     retry_on: list[RetryReason] = ["timeout", "infra"]
 
@@ -44,7 +63,7 @@ class Pipeline(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     service: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    env: dict[str, str | int | float | bool] = {}
+    env: dict[str, EnvValue] = {}
     stages: dict[str, StageSpec] = Field(min_length=1)
 
     @field_validator("env")
@@ -65,9 +84,6 @@ class Pipeline(BaseModel):
 
     def stage_names(self) -> list[str]:
         return list(self.stages)
-
-    def environment(self) -> dict[str, str]:
-        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.env.items()}
 
 
 def parse(text: str, default_service: str) -> Pipeline:

@@ -1,5 +1,6 @@
-"""Reading stack.yml as faas-cli does: `${VAR:-default}` substitution, environment_file
-merged under each function's own environment, secrets, labels and annotations."""
+"""Reading stack.yml as faas-cli does: `${VAR:-default}` substitution in stack.yml,
+environment_file merged over each function's own environment, secrets, labels and
+annotations."""
 
 from __future__ import annotations
 
@@ -53,11 +54,11 @@ def load(path: Path, env: dict[str, str] | None = None) -> Stack:
     data = yaml.safe_load(substitute(path.read_text(), env))
     functions = {}
     for name, spec in (data.get("functions") or {}).items():
-        environment: dict[str, str] = {}
+        # As faas-cli: environment files are plain YAML, and their keys win.
+        environment = _strings(spec.get("environment"))
         for extra in spec.get("environment_file") or []:
-            loaded = yaml.safe_load(substitute((base / extra).read_text(), env)) or {}
+            loaded = yaml.safe_load((base / extra).read_text()) or {}
             environment.update(_strings(loaded.get("environment")))
-        environment.update(_strings(spec.get("environment")))
         functions[name] = FunctionSpec(
             name=name,
             handler=(base / spec["handler"]).resolve(),

@@ -138,7 +138,7 @@ def _command_env(run: Run, stage: str, number: int, home: Path) -> dict[str, str
         "PATH": f"{tools}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
         "HOME": str(home),
         "LANG": "C.UTF-8",
-        **run.pipeline.environment(),
+        **run.pipeline.env,
         "CI": "true",
         "FAASCI": "true",
         "FAASCI_RUN_ID": run.id,

@@ -11,6 +11,7 @@ Run as `python -m faasci.local.gateway` (faasci up does that).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -19,7 +20,6 @@ import time
 import uuid
 from urllib.parse import urlparse
 
-import requests
 from flask import Flask, Response, jsonify, request
 from waitress import serve
 
@@ -27,7 +27,7 @@ from .. import stack as stack_file
 from ..bus import Bus
 from . import queue
 from .config import LocalConfig
-from .cron import CRON_HEADERS, Scheduler
+from .cron import Scheduler, invoke_through_gateway
 from .provider import HOP_HEADERS, Provider
 
 log = logging.getLogger("faasci.gateway")
@@ -187,20 +187,10 @@ def main() -> None:
     )
     asyncio.run_coroutine_threadsafe(worker.run(), bus.loop)
 
-    def cron_invoke(name: str) -> None:
-        try:
-            r = requests.post(
-                f"{cfg.gateway_url}/function/{name}", data=b"", headers=CRON_HEADERS, timeout=3600
-            )
-            log.info("cron: %s answered %s", name, r.status_code)
-        except requests.RequestException as e:
-            log.warning("cron: %s failed: %s", name, e)
-
     stop = threading.Event()
     schedules = {n: s.schedule for n, s in stack.functions.items() if s.schedule}
-    threading.Thread(
-        target=Scheduler(schedules, cron_invoke).run, args=(stop,), daemon=True
-    ).start()
+    cron = Scheduler(schedules, functools.partial(invoke_through_gateway, cfg.gateway_url))
+    threading.Thread(target=cron.run, args=(stop,), daemon=True).start()
 
     def shutdown(signum, frame):
         raise SystemExit(0)

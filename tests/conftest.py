@@ -1,0 +1,143 @@
+"""Fixtures shared by every test: git repositories made on the spot, and the real local
+stack (NATS, SeaweedFS S3, the gateway and every function) started once per session on
+ports of its own, so a developer's stack on the default ports is left alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "sample-service"
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+}  # fmt: skip
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV})  # fmt: skip
+    return done.stdout.strip()
+
+
+def commit_all(repo: Path, message: str = "change") -> str:
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "--allow-empty", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def make_repo(tmp_path):
+    """Make a committed git repository from {relative path: text}; returns its path."""
+    counter = iter(range(1000))
+
+    def make(files: dict[str, str], name: str | None = None) -> Path:
+        repo = tmp_path / (name or f"repo{next(counter)}")
+        for rel, text in files.items():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            (repo / rel).write_text(text)
+        git(repo, "init", "--quiet", "--initial-branch=main")
+        commit_all(repo, "initial")
+        return repo
+
+    return make
+
+
+@pytest.fixture
+def sample_repo(tmp_path) -> Path:
+    """A committed copy of examples/sample-service as a repository of its own."""
+    repo = tmp_path / "sample-service"
+    shutil.copytree(SAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", ".*_cache"))
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit_all(repo, "sample service")
+    return repo
+
+
+# Ports of the test stack: NATS 24222 (monitor 28222), S3 28333 (SeaweedFS 28334-28346),
+# gateway 28080 with the functions on 28081 and up.
+TEST_STACK_ENV = {
+    "OPENFAAS_URL": "http://127.0.0.1:28080",
+    "FAASCI_NATS_PORT": "24222",
+    "FAASCI_S3_PORT": "28333",
+}
+
+
+@pytest.fixture(scope="session")
+def scheduled_repo(tmp_path_factory) -> Path:
+    """The repository the test stack's cron schedule runs (SCHEDULED_REPOS)."""
+    repo = tmp_path_factory.mktemp("scheduled") / "sample-service"
+    shutil.copytree(SAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", ".*_cache"))
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit_all(repo, "scheduled sample")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def stack(scheduled_repo):
+    """The real local stack, started afresh once for the session in .faasci/test/."""
+    from faasci.local import control
+    from faasci.local.config import LocalConfig
+
+    home = ROOT / ".faasci" / "test"
+    env = {
+        **TEST_STACK_ENV,
+        "FAASCI_STACK": str(ROOT / "stack.yml"),
+        "FAASCI_HOME": str(home),
+        "FAASCI_SECRETS_DIR": str(home / "secrets"),
+        "SCHEDULED_REPOS": str(scheduled_repo),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cfg = LocalConfig.from_env()
+    control.down(cfg, say=lambda *_: None)  # whatever an interrupted session left running
+    shutil.rmtree(home, ignore_errors=True)
+    try:
+        control.up(cfg, say=lambda *_: None)
+        yield cfg
+    finally:
+        control.down(cfg, say=lambda *_: None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def gateway(stack):
+    """A client of the test stack's gateway."""
+    from faasci.invoke import Gateway
+
+    return Gateway(stack.gateway_url, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def client_settings(stack):
+    """Library settings pointing at the test stack's NATS and S3, as a function sees them."""
+    from faasci import services, settings
+    from faasci.local.control import client_settings
+
+    value = client_settings(stack)
+    settings.configure(value)
+    services.reset()
+    yield value
+    settings.configure(None)
+    services.reset()
+
+
+def wait_for_run(gateway, run_id: str, timeout: float = 120) -> dict:
+    """Poll the runs function until the run has finished; its final record."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        run = gateway.call("runs", method="GET", path=run_id).json()
+        if run["status"] in ("passed", "failed", "cancelled"):
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} still {run['status']}"
+        time.sleep(0.3)

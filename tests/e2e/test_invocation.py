@@ -1,0 +1,118 @@
+"""The OpenFaaS contract of the local stack: sync and async invocation, callbacks, cron."""
+
+import json
+import queue
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import ROOT, wait_for_run
+
+from faasci import STAGES
+from faasci import stack as stack_file
+from faasci.local.cron import CRON_HEADERS, Scheduler, invoke_through_gateway
+
+
+@pytest.fixture
+def callback_receiver():
+    """An HTTP server on 127.0.0.1 that records every POST it gets (url, queue of requests)."""
+    received = queue.Queue()
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.put((dict(self.headers), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/done", received
+    server.shutdown()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_any_stage_runs_alone_over_http(gateway, sample_repo, stage):
+    """POST /function/<stage> with a repo runs just that stage and answers its result."""
+    resp = gateway.call(stage, {"repo": str(sample_repo), "ref": "main"})
+    assert resp.status_code == 200, resp.text
+    result = resp.json()
+    assert result["stage"] == stage and result["status"] == "passed"
+    assert result["exit_code"] == 0 and result["duration_s"] > 0
+    assert result["next"] is None and result["run_status"] == "passed"
+    assert result["log"].endswith(f"/{stage}/1") and "[faas-ci]" in result["log_tail"]
+    log = gateway.call("pipeline-log", method="GET", path=f"{result['run_id']}/{stage}/1")
+    assert log.status_code == 200 and log.text.endswith(result["log_tail"])
+    if stage in ("build", "promote", "deploy"):
+        assert "not integrated yet" in result["note"]
+
+
+def test_stage_continues_an_existing_run(gateway, sample_repo):
+    """{"run_id"} runs the run's queued stage, then the rest of the run follows by itself."""
+    created = gateway.call("runs", {"repo": str(sample_repo)}).json()
+    run = wait_for_run(gateway, created["id"])  # the first stage was dispatched already
+    assert run["status"] == "passed"
+    again = gateway.call("lint", {"run_id": run["id"]})
+    assert again.status_code == 409 and "already passed" in again.json()["error"]
+
+
+def test_a_duplicate_delivery_does_not_run_a_stage_twice(gateway, sample_repo):
+    """Invoking a stage's attempt that was already taken is refused with 409."""
+    run = gateway.call("runs", {"repo": str(sample_repo)}).json()
+    final = wait_for_run(gateway, run["id"])
+    dup = gateway.call("unit", {"run_id": run["id"], "attempt": 1})
+    assert dup.status_code == 409
+    after = gateway.call("runs", method="GET", path=run["id"]).json()
+    assert [len(s["attempts"]) for s in after["stages"]] == [1] * 6
+    assert after["stages"] == final["stages"]
+
+
+def test_cron_connector_request_starts_the_scheduled_runs(gateway, scheduled_repo):
+    """The exact cron-connector request (empty body, X-Topic, X-Connector) is handled."""
+    resp = gateway.call("webhook", b"", headers=CRON_HEADERS)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["trigger"] == "cron" and body["failed"] == []
+    (run_id,) = body["started"]
+    run = wait_for_run(gateway, run_id)
+    assert run["trigger"] == "cron" and run["repo"] == str(scheduled_repo)
+    assert run["status"] == "passed"
+
+
+def test_cron_schedule_from_the_annotations_fires(stack, gateway):
+    """The scheduler reads stack.yml's annotations and, when due, invokes in cron form."""
+    schedules = {n: f.schedule for n, f in stack_file.load(ROOT / "stack.yml").functions.items()
+                 if f.schedule}  # fmt: skip
+    assert schedules == {"webhook": "0 2 * * *"}
+    clock = [datetime(2026, 1, 1, 1, 59, tzinfo=UTC)]
+    fired = []
+    scheduler = Scheduler(schedules, fired.append, now=lambda: clock[0])
+    assert scheduler.due() == []
+    clock[0] += timedelta(minutes=1)
+    (name,) = scheduler.due()
+    status = invoke_through_gateway(stack.gateway_url, name)
+    assert status == 200
+
+
+def test_async_invocation_answers_202_and_calls_back(gateway, sample_repo, callback_receiver):
+    """/async-function answers 202 at once; the callback carries the result and headers."""
+    url, received = callback_receiver
+    call_id = gateway.call_async("lint", {"repo": str(sample_repo)}, callback_url=url)
+    headers, body = received.get(timeout=60)
+    assert headers["X-Call-Id"] == call_id
+    assert headers["X-Function-Name"] == "lint"
+    assert headers["X-Function-Status"] == "200"
+    assert float(headers["X-Duration-Seconds"]) > 0
+    assert json.loads(body)["status"] == "passed"
+
+
+def test_system_functions_lists_the_stack(gateway):
+    """/system/functions lists every function of stack.yml, ready, with its annotations."""
+    listed = {f["name"]: f for f in gateway.session.get(f"{gateway.url}/system/functions").json()}
+    assert set(listed) == {"webhook", "runs", "pipeline-log", *STAGES}
+    assert all(f["availableReplicas"] == 1 for f in listed.values())
+    assert listed["webhook"]["annotations"]["topic"] == "cron-function"

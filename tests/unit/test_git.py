@@ -1,0 +1,481 @@
+"""faasci.git on real repositories: validation, resolving (with snapshots), checkout."""
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import commit_all, git
+
+from faasci import git as fgit
+from faasci.errors import Unprocessable, UserError
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+PIPELINE = "service: api\nstages:\n  unit:\n    run: [pytest]\n"
+
+
+@pytest.fixture
+def store(tmp_path) -> tuple[Path, Path]:
+    """(snapshot store, scratch directory) as faasci.trigger passes them."""
+    state = tmp_path / "state"
+    scratch = tmp_path / "scratch"
+    state.mkdir()
+    scratch.mkdir()
+    return state / "snapshots.git", scratch
+
+
+@pytest.fixture(autouse=True)
+def _no_parent_repository(tmp_path, monkeypatch):
+    """Git never looks above tmp_path for a repository, wherever tmp_path lives."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+
+
+def resolve(repo, ref, store):
+    snapshots, scratch = store
+    return fgit.resolve(str(repo), ref, snapshots, scratch)
+
+
+def repo_state(repo: Path) -> dict[str, str]:
+    """What a snapshot must leave alone: status, refs, HEAD and the index entries."""
+    return {
+        "status": git(repo, "status", "--porcelain", "--untracked-files=all"),
+        "refs": git(repo, "for-each-ref"),
+        "head": git(repo, "rev-parse", "HEAD"),
+        "symbolic_head": git(repo, "symbolic-ref", "HEAD"),
+        "index": git(repo, "ls-files", "--stage"),
+        "stash": git(repo, "stash", "list"),
+    }
+
+
+def tree_files(repo: Path, commit: str) -> set[str]:
+    return set(git(repo, "ls-tree", "-r", "--name-only", commit).splitlines())
+
+
+# validate_ref / validate_repo
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "--upload-pack=touch /tmp/x",
+        "--upload-pack=touch${IFS}/tmp/x",
+        "a..b",
+        "../x",
+        "-x",
+        "x@{1}",
+        "@{-1}",
+        "",
+        "/etc/passwd",
+        "main.lock",
+        "feature/",
+        "with space",
+        "semi;colon",
+        "a" * 201,
+    ],
+)
+def test_validate_ref_refuses_options_ranges_and_escapes(ref):
+    """Refs that git could read as an option, a range, a reflog entry or a path are refused."""
+    with pytest.raises(UserError) as caught:
+        fgit.validate_ref(ref)
+    assert caught.value.status == 400
+    assert caught.value.field == "ref"
+
+
+@pytest.mark.parametrize("ref", [None, 42, ["main"], b"main"])
+def test_validate_ref_refuses_non_strings(ref):
+    """A ref that is not a string is a 400 naming `ref`, not a TypeError."""
+    with pytest.raises(UserError) as caught:
+        fgit.validate_ref(ref)
+    assert caught.value.field == "ref"
+
+
+@pytest.mark.parametrize(
+    "ref", ["main", "feature/x", "v1.2.3", SHA, SHA[:7], "release-2024_01", "refs/heads/main"]
+)
+def test_validate_ref_accepts_branches_tags_and_shas(ref):
+    """Ordinary branch, tag and commit names come back unchanged."""
+    assert fgit.validate_ref(ref) == ref
+
+
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "repo",
+        "./repo",
+        "../repo",
+        "~/repo",
+        "-x",
+        "--upload-pack=touch /tmp/x",
+        "-oProxyCommand=touch /tmp/x",
+        "ext::sh -c touch% /tmp/x",
+        "",
+        "   ",
+        "/tmp/a\nb",
+        "/tmp/a\0b",
+    ],
+)
+def test_validate_repo_refuses_relative_paths_and_options(repo):
+    """Relative paths, option-like strings and other transports are a 400 naming `repo`."""
+    with pytest.raises(UserError) as caught:
+        fgit.validate_repo(repo)
+    assert caught.value.status == 400
+    assert caught.value.field == "repo"
+
+
+@pytest.mark.parametrize("repo", [None, 7, ["/tmp/x"]])
+def test_validate_repo_refuses_non_strings(repo):
+    """A repo that is not a string is a 400 naming `repo`."""
+    with pytest.raises(UserError) as caught:
+        fgit.validate_repo(repo)
+    assert caught.value.field == "repo"
+
+
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "ssh://-oProxyCommand=touch${IFS}x/repo.git",
+        "ssh://git@-oProxyCommand=x/repo.git",
+        "git@-oProxyCommand=x:org/repo.git",
+    ],
+)
+def test_validate_repo_refuses_option_like_hosts_in_urls(repo):
+    """A URL whose host or user part starts with `-` (CVE-2017-1000117) is refused."""
+    with pytest.raises(UserError) as caught:
+        fgit.validate_repo(repo)
+    assert caught.value.field == "repo"
+
+
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "https://github.com/org/repo.git",
+        "http://git.local/repo",
+        "ssh://git@github.com/org/repo.git",
+        "git://git.local/repo.git",
+        "git@github.com:org/repo.git",
+        "file:///srv/git/repo.git",
+        "/srv/git/repo",
+    ],
+)
+def test_validate_repo_accepts_urls_and_absolute_paths(repo):
+    """https, ssh, git, scp-like and file URLs and absolute paths are accepted unchanged."""
+    assert fgit.validate_repo(repo) == repo
+
+
+def test_validate_repo_normalises_absolute_paths():
+    """An absolute path comes back normalised."""
+    assert fgit.validate_repo("/srv/git/../git/./repo/") == "/srv/git/repo"
+
+
+def test_resolve_refuses_an_option_ref_before_running_git(tmp_path, make_repo, store):
+    """An `--upload-pack` ref is refused and its command never runs."""
+    repo = make_repo({"README.md": "x\n"})
+    marker = tmp_path / "pwned"
+    with pytest.raises(UserError) as caught:
+        resolve(repo, f"--upload-pack=touch {marker}", store)
+    assert caught.value.field == "ref"
+    with pytest.raises(UserError):
+        resolve(f"file://{repo}", f"--upload-pack=touch {marker}", store)
+    assert not marker.exists()
+    assert not (store[1] / "resolve.git").exists()
+
+
+# resolve
+
+
+def test_resolve_a_committed_repository(make_repo, store):
+    """A clean local repository resolves to HEAD on its branch, without a snapshot."""
+    repo = make_repo({".faasci.yml": PIPELINE, "pyproject.toml": "", "src/app.py": ""}, "shop")
+    resolved = resolve(repo, None, store)
+    assert resolved.snapshot is False
+    assert resolved.commit == git(repo, "rev-parse", "HEAD")
+    assert resolved.ref == "main"
+    assert resolved.path == ""
+    assert os.path.realpath(resolved.source) == os.path.realpath(repo)
+    assert resolved.pipeline_text.strip() == PIPELINE.strip()
+    assert resolved.files == {".faasci.yml", "pyproject.toml", "src"}
+    assert resolved.name == "shop"
+    assert not (store[0] / "HEAD").exists()  # no snapshot store was needed
+
+
+def test_resolve_a_repository_without_a_pipeline_file(make_repo, store):
+    """Without .faasci.yml the pipeline text is None and the root's files are listed."""
+    repo = make_repo({"package.json": "{}", "index.js": ""})
+    resolved = resolve(repo, None, store)
+    assert resolved.pipeline_text is None
+    assert resolved.files == {"package.json", "index.js"}
+
+
+def test_resolve_a_service_folder_inside_a_repository(make_repo, store):
+    """A folder inside a repo resolves to the repo with `path` the folder and its own files."""
+    api_pipeline = "service: api\nstages:\n  lint:\n    run: [npm run lint]\n"
+    repo = make_repo(
+        {
+            ".faasci.yml": "service: root\nstages: {unit: {run: [make]}}\n",
+            "services/api/.faasci.yml": api_pipeline,
+            "services/api/package.json": "{}",
+            "services/web/index.html": "",
+        }
+    )
+    resolved = resolve(repo / "services" / "api", None, store)
+    assert resolved.path == "services/api"
+    assert resolved.pipeline_text.strip() == api_pipeline.strip()
+    assert resolved.files == {".faasci.yml", "package.json"}
+    assert resolved.name == "api"
+    assert resolved.commit == git(repo, "rev-parse", "HEAD")
+    assert resolved.snapshot is False
+    assert os.path.realpath(resolved.source) == os.path.realpath(repo)
+
+
+def test_resolve_a_dirty_working_tree_makes_a_snapshot(make_repo, store):
+    """Uncommitted and untracked work is snapshotted; the user's repo is left untouched."""
+    repo = make_repo(
+        {
+            ".gitignore": "*.log\n",
+            "app.py": "v = 1\n",
+            "old.py": "gone soon\n",
+            "staged.py": "s = 1\n",
+        }
+    )
+    head = git(repo, "rev-parse", "HEAD")
+    (repo / "app.py").write_text("v = 2\n")  # modified, unstaged
+    (repo / "new.py").write_text("n = 1\n")  # untracked
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "deep.py").write_text("d = 1\n")  # untracked, in a new folder
+    (repo / "debug.log").write_text("ignored\n")  # ignored
+    (repo / "old.py").unlink()  # deleted
+    (repo / "staged.py").write_text("s = 2\n")
+    git(repo, "add", "staged.py")  # staged
+    before = repo_state(repo)
+
+    resolved = resolve(repo, None, store)
+
+    assert repo_state(repo) == before
+    assert before["status"]  # the tree really was dirty
+    assert resolved.snapshot is True
+    assert resolved.commit != head
+    assert resolved.ref == "main"
+    snapshots = store[0]
+    assert resolved.source == str(snapshots)
+    assert git(snapshots, "rev-parse", f"{resolved.commit}^") == head
+    assert tree_files(snapshots, resolved.commit) == {
+        ".gitignore",
+        "app.py",
+        "new.py",
+        "pkg/deep.py",
+        "staged.py",
+    }
+    assert git(snapshots, "show", f"{resolved.commit}:app.py") == "v = 2"
+    assert git(snapshots, "show", f"{resolved.commit}:staged.py") == "s = 2"
+    assert git(snapshots, "show", f"{resolved.commit}:pkg/deep.py") == "d = 1"
+    assert resolved.files == {".gitignore", "app.py", "new.py", "pkg", "staged.py"}
+    # No stray temporary index is left next to the store.
+    assert sorted(p.name for p in snapshots.parent.iterdir()) == ["snapshots.git"]
+
+
+def test_snapshot_of_a_folder_reads_the_uncommitted_pipeline_file(make_repo, store):
+    """A dirty service folder's pipeline text comes from the snapshot, not from HEAD."""
+    repo = make_repo({"svc/.faasci.yml": PIPELINE, "svc/setup.py": "", "other/x": ""})
+    edited = PIPELINE.replace("pytest", "pytest -x")
+    (repo / "svc" / ".faasci.yml").write_text(edited)
+    (repo / "svc" / "extra.txt").write_text("new\n")
+    resolved = resolve(repo / "svc", None, store)
+    assert resolved.snapshot is True
+    assert resolved.path == "svc"
+    assert resolved.pipeline_text.strip() == edited.strip()
+    assert resolved.files == {".faasci.yml", "setup.py", "extra.txt"}
+    assert resolved.name == "svc"
+
+
+def test_two_snapshots_of_different_trees_differ_and_both_stay_available(make_repo, store):
+    """A second snapshot after further edits is a new commit; the first is still stored."""
+    repo = make_repo({"a.txt": "1\n"})
+    (repo / "a.txt").write_text("2\n")
+    first = resolve(repo, None, store)
+    (repo / "a.txt").write_text("3\n")
+    second = resolve(repo, None, store)
+    assert first.commit != second.commit
+    assert git(store[0], "show", f"{first.commit}:a.txt") == "2"
+    assert git(store[0], "show", f"{second.commit}:a.txt") == "3"
+
+
+def test_an_untracked_file_alone_makes_a_snapshot(make_repo, store):
+    """A tree whose only change is a new untracked file is snapshotted with that file."""
+    repo = make_repo({"a.txt": "1\n"})
+    (repo / "sub").mkdir()
+    (repo / "sub" / "new.txt").write_text("new\n")
+    before = repo_state(repo)
+    resolved = resolve(repo, None, store)
+    assert repo_state(repo) == before
+    assert resolved.snapshot is True
+    assert tree_files(store[0], resolved.commit) == {"a.txt", "sub/new.txt"}
+
+
+def test_resolve_only_ignored_changes_is_not_a_snapshot(make_repo, store):
+    """A tree whose only changes are ignored files counts as clean."""
+    repo = make_repo({".gitignore": "build/\n", "a.txt": "1\n"})
+    (repo / "build").mkdir()
+    (repo / "build" / "out.bin").write_text("x")
+    resolved = resolve(repo, None, store)
+    assert resolved.snapshot is False
+    assert resolved.commit == git(repo, "rev-parse", "HEAD")
+
+
+def test_resolve_an_explicit_tag_and_branch(make_repo, store, tmp_path):
+    """A tag (annotated) and a branch resolve to their commits, ignoring the working tree."""
+    repo = make_repo({".faasci.yml": PIPELINE, "version.txt": "1\n"})
+    tagged = git(repo, "rev-parse", "HEAD")
+    git(repo, "tag", "-a", "v1.2.3", "-m", "release")
+    git(repo, "checkout", "--quiet", "-b", "feature/x")
+    (repo / "version.txt").write_text("feature\n")
+    feature = commit_all(repo, "feature work")
+    git(repo, "checkout", "--quiet", "main")
+    (repo / "version.txt").write_text("2\n")
+    main = commit_all(repo, "main work")
+    (repo / "version.txt").write_text("dirty\n")  # must not matter with an explicit ref
+
+    snapshots = store[0]
+    results = {}
+    for ref in ("v1.2.3", "feature/x", "main", tagged[:10]):
+        scratch = tmp_path / f"scratch-{len(results)}"
+        scratch.mkdir()
+        results[ref] = fgit.resolve(str(repo), ref, snapshots, scratch)
+
+    assert results["v1.2.3"].commit == tagged  # the commit, not the tag object
+    assert results["feature/x"].commit == feature
+    assert results["main"].commit == main
+    assert results[tagged[:10]].commit == tagged
+    for ref, resolved in results.items():
+        assert resolved.ref == ref
+        assert resolved.snapshot is False
+        assert os.path.realpath(resolved.source) == os.path.realpath(repo)
+        assert resolved.pipeline_text.strip() == PIPELINE.strip()
+    assert not (snapshots / "HEAD").exists()
+
+
+def test_resolve_a_missing_path_names_repo(tmp_path, store):
+    """A path that does not exist is a 422 naming `repo`."""
+    with pytest.raises(Unprocessable) as caught:
+        resolve(tmp_path / "nowhere", None, store)
+    assert caught.value.status == 422
+    assert caught.value.field == "repo"
+
+
+def test_resolve_a_folder_outside_any_repository_names_repo(tmp_path, store):
+    """A folder that is not in a git repository is a 422 naming `repo`."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "file.txt").write_text("x")
+    with pytest.raises(Unprocessable) as caught:
+        resolve(plain, None, store)
+    assert caught.value.field == "repo"
+    assert "not inside a git repository" in caught.value.message
+
+
+def test_resolve_a_repository_without_commits_names_repo(tmp_path, store):
+    """A freshly initialised repository with no commit is a 422 naming `repo`."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git(empty, "init", "--quiet")
+    (empty / "a.txt").write_text("x")
+    with pytest.raises(Unprocessable) as caught:
+        resolve(empty, None, store)
+    assert caught.value.field == "repo"
+
+
+def test_resolve_an_unknown_ref_names_ref(make_repo, store):
+    """A ref the repository does not have is a 422 naming `ref`."""
+    repo = make_repo({"a.txt": "x"})
+    with pytest.raises(Unprocessable) as caught:
+        resolve(repo, "no-such-branch", store)
+    assert caught.value.status == 422
+    assert caught.value.field == "ref"
+    assert "no-such-branch" in caught.value.message
+
+
+def test_resolve_an_unreachable_url_names_repo(tmp_path, store):
+    """A file:// URL to nothing is a 422 naming `repo`."""
+    with pytest.raises(Unprocessable) as caught:
+        resolve(f"file://{tmp_path}/missing.git", None, store)
+    assert caught.value.field == "repo"
+
+
+def test_resolve_a_relative_path_is_a_400(store):
+    """A relative path is refused as bad input before any lookup."""
+    with pytest.raises(UserError) as caught:
+        resolve("relative/repo", None, store)
+    assert caught.value.status == 400
+    assert caught.value.field == "repo"
+
+
+def test_resolve_a_file_url(make_repo, store, tmp_path):
+    """A file:// URL resolves its HEAD (never a snapshot) and stages clone from the URL."""
+    repo = make_repo({".faasci.yml": PIPELINE, "requirements.txt": ""}, "billing")
+    head = git(repo, "rev-parse", "HEAD")
+    (repo / "requirements.txt").write_text("dirty\n")  # a URL never sees the working tree
+    url = f"file://{repo}"
+    resolved = resolve(url, None, store)
+    assert resolved.commit == head
+    assert resolved.ref == "HEAD"
+    assert resolved.snapshot is False
+    assert resolved.source == url
+    assert resolved.path == ""
+    assert resolved.pipeline_text.strip() == PIPELINE.strip()
+    assert resolved.files == {".faasci.yml", "requirements.txt"}
+    assert resolved.name == "billing"
+    dest = tmp_path / "work"
+    fgit.checkout(resolved.source, resolved.commit, dest)
+    assert (dest / "requirements.txt").read_text() == ""
+
+
+def test_resolve_a_file_url_with_a_branch(make_repo, store):
+    """A file:// URL with an explicit branch resolves that branch's commit."""
+    repo = make_repo({"a.txt": "1"})
+    git(repo, "checkout", "--quiet", "-b", "dev")
+    dev = commit_all(repo, "dev work")
+    git(repo, "checkout", "--quiet", "main")
+    resolved = resolve(f"file://{repo}/", "dev", store)
+    assert resolved.commit == dev
+    assert resolved.ref == "dev"
+    assert resolved.name == repo.name
+
+
+# checkout
+
+
+def test_checkout_produces_a_work_tree_at_the_commit(make_repo, tmp_path):
+    """checkout gives a clean detached work tree of exactly that commit."""
+    repo = make_repo({"a.txt": "first\n", "dir/b.txt": "b\n"})
+    first = git(repo, "rev-parse", "HEAD")
+    (repo / "a.txt").write_text("second\n")
+    (repo / "c.txt").write_text("c\n")
+    commit_all(repo, "second")
+    dest = tmp_path / "checkout"
+    fgit.checkout(str(repo), first, dest)
+    assert git(dest, "rev-parse", "HEAD") == first
+    assert (dest / "a.txt").read_text() == "first\n"
+    assert (dest / "dir" / "b.txt").read_text() == "b\n"
+    assert not (dest / "c.txt").exists()
+    assert git(dest, "status", "--porcelain") == ""
+
+
+def test_checkout_of_a_snapshot_from_the_snapshot_store(make_repo, store, tmp_path):
+    """A snapshot commit checks out from the snapshot store with the uncommitted work."""
+    repo = make_repo({".gitignore": "*.log\n", "a.txt": "committed\n"})
+    (repo / "a.txt").write_text("uncommitted\n")
+    (repo / "new.txt").write_text("untracked\n")
+    (repo / "x.log").write_text("ignored\n")
+    resolved = resolve(repo, None, store)
+    dest = tmp_path / "checkout"
+    fgit.checkout(resolved.source, resolved.commit, dest)
+    assert git(dest, "rev-parse", "HEAD") == resolved.commit
+    assert (dest / "a.txt").read_text() == "uncommitted\n"
+    assert (dest / "new.txt").read_text() == "untracked\n"
+    assert not (dest / "x.log").exists()
+
+
+def test_checkout_of_an_unknown_commit_is_a_git_error(make_repo, tmp_path):
+    """A commit the source does not have raises GitError naming the commit."""
+    repo = make_repo({"a.txt": "x"})
+    with pytest.raises(fgit.GitError) as caught:
+        fgit.checkout(str(repo), SHA, tmp_path / "dest")
+    assert SHA[:12] in str(caught.value)

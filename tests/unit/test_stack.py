@@ -1,0 +1,165 @@
+"""faasci.stack: reading stack.yml as faas-cli does."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from faasci import STAGES, stack
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK = ROOT / "stack.yml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(STACK.read_text())
+
+
+@pytest.fixture(scope="module")
+def shared_env() -> dict[str, str]:
+    """functions/env.yml's environment, read as plain YAML as faas-cli reads it."""
+    data = yaml.safe_load((ROOT / "functions" / "env.yml").read_text())
+    return {k: str(v) for k, v in data["environment"].items()}
+
+
+@pytest.fixture(scope="module")
+def loaded() -> stack.Stack:
+    return stack.load(STACK, env={})
+
+
+def test_every_function_is_loaded(loaded, raw):
+    """Every function in stack.yml is there: the stages, the webhook and the runs API."""
+    assert set(loaded.functions) == set(raw["functions"])
+    assert set(STAGES) | {"webhook", "runs", "pipeline-log"} <= set(loaded.functions)
+    assert loaded.gateway == "http://127.0.0.1:8080"
+    assert loaded.gateway_port == 8080
+    assert loaded.path == STACK
+
+
+def test_every_handler_folder_exists(loaded):
+    """Each function's handler is an absolute, existing folder with a handler.py."""
+    for name, fn in loaded.functions.items():
+        assert fn.name == name
+        assert fn.handler.is_absolute()
+        assert fn.handler.is_dir(), fn.handler
+        assert (fn.handler / "handler.py").is_file(), name
+
+
+def test_images_use_their_defaults_without_variables(loaded):
+    """With no REGISTRY or TAG set, images take the defaults in stack.yml."""
+    assert loaded.functions["webhook"].image == "ghcr.io/faas-ci/webhook:0.1.0"
+    assert loaded.functions["unit"].image == "ghcr.io/faas-ci/unit:0.1.0"
+
+
+def test_images_use_the_variables_when_set():
+    """REGISTRY and TAG replace the defaults everywhere."""
+    loaded = stack.load(STACK, env={"REGISTRY": "registry.local:5000/ci", "TAG": "dev"})
+    for name, fn in loaded.functions.items():
+        assert fn.image == f"registry.local:5000/ci/{name}:dev"
+
+
+def test_shared_environment_reaches_every_function(loaded, raw, shared_env):
+    """Every function gets all of functions/env.yml next to its own environment."""
+    for name, fn in loaded.functions.items():
+        assert "functions/env.yml" in raw["functions"][name]["environment_file"]
+        for key, value in shared_env.items():
+            assert fn.environment[key] == value, (name, key)
+    assert loaded.functions["unit"].environment["NATS_URL"] == "nats://nats.openfaas:4222"
+
+
+def test_no_function_repeats_a_shared_key(raw, shared_env):
+    """No function sets a key of functions/env.yml itself: faas-cli would ignore its value."""
+    for name, spec in raw["functions"].items():
+        repeated = set(spec.get("environment") or {}) & set(shared_env)
+        assert not repeated, f"{name} repeats {sorted(repeated)} from functions/env.yml"
+
+
+def test_function_environment_is_added_to_the_shared_one(loaded):
+    """The webhook's own SCHEDULED_REPOS sits next to the shared settings."""
+    env = loaded.functions["webhook"].environment
+    assert env["SCHEDULED_REPOS"] == ""
+    assert env["GATEWAY_URL"] == "http://gateway.openfaas:8080"
+    assert "SCHEDULED_REPOS" not in loaded.functions["unit"].environment
+
+
+def test_variables_reach_the_function_environment():
+    """${VAR:-default} in a function's own environment takes the variable when set."""
+    loaded = stack.load(STACK, env={"SCHEDULED_REPOS": "https://x/r.git#main"})
+    assert loaded.functions["webhook"].environment["SCHEDULED_REPOS"] == "https://x/r.git#main"
+
+
+def test_secrets_labels_and_schedule(loaded):
+    """Secrets, labels (through YAML anchors) and the webhook's cron schedule are read."""
+    webhook = loaded.functions["webhook"]
+    assert webhook.secrets == ["s3-access-key", "s3-secret-key", "webhook-secret"]
+    assert webhook.labels["com.openfaas.scale.zero"] == "false"
+    assert webhook.annotations["topic"] == "cron-function"
+    assert webhook.schedule == "0 2 * * *"
+    for name in STAGES:
+        fn = loaded.functions[name]
+        assert fn.secrets == ["s3-access-key", "s3-secret-key"]
+        assert fn.labels["com.openfaas.scale.max"] == "10"
+        assert fn.labels["com.openfaas.scale.zero"] == "false"
+        assert fn.schedule is None
+    assert loaded.functions["runs"].schedule is None
+
+
+def test_environment_files_win_and_are_not_substituted(tmp_path):
+    """As faas-cli: environment_file keys override the function's own; files are plain YAML."""
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "shared.yml").write_text(
+        "environment:\n  LOG_LEVEL: INFO\n  ONLY_SHARED: yes-shared\n  PORT: 8080\n"
+        "  LITERAL: ${NOT_SUBSTITUTED:-x}\n"
+    )
+    (tmp_path / "later.yml").write_text("environment:\n  ONLY_SHARED: from-later-file\n")
+    (tmp_path / "stack.yml").write_text(
+        "provider: {name: openfaas, gateway: 'http://127.0.0.1:31112'}\n"
+        "functions:\n"
+        "  fn:\n"
+        "    handler: ./fn\n"
+        "    environment_file: [shared.yml, later.yml]\n"
+        "    environment: {LOG_LEVEL: DEBUG, OWN: '${OWN_VAR:-own-default}', EMPTY: null}\n"
+        "    annotations: {topic: other, schedule: '* * * * *'}\n"
+    )
+    loaded = stack.load(tmp_path / "stack.yml", env={"NOT_SUBSTITUTED": "no"})
+    fn = loaded.functions["fn"]
+    assert fn.environment == {
+        "LOG_LEVEL": "INFO",
+        "ONLY_SHARED": "from-later-file",
+        "PORT": "8080",
+        "LITERAL": "${NOT_SUBSTITUTED:-x}",
+        "OWN": "own-default",
+        "EMPTY": "",
+    }
+    assert fn.handler == (tmp_path / "fn").resolve()
+    assert fn.secrets == [] and fn.labels == {} and fn.image == ""
+    assert fn.schedule is None  # a schedule only counts with topic: cron-function
+    assert loaded.gateway_port == 31112
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${REGISTRY:-ghcr.io/x}/app", {}, "ghcr.io/x/app"),
+        ("${REGISTRY:-ghcr.io/x}/app", {"REGISTRY": "reg.local"}, "reg.local/app"),
+        ("${REGISTRY:-ghcr.io/x}/app", {"REGISTRY": ""}, "ghcr.io/x/app"),
+        ("${URL:-http://h:8080/p}", {}, "http://h:8080/p"),
+        ("${EMPTY:-}", {}, ""),
+        ("${PLAIN}", {}, ""),
+        ("${PLAIN}", {"PLAIN": "v"}, "v"),
+        ("a ${A:-1} b ${B:-2}", {"B": "two"}, "a 1 b two"),
+        ("$NOT_BRACED stays", {"NOT_BRACED": "x"}, "$NOT_BRACED stays"),
+    ],
+)
+def test_substitute(text, env, expected):
+    """${VAR:-default} takes VAR when set and non-empty, else the default (as faas-cli)."""
+    assert stack.substitute(text, env) == expected
+
+
+def test_load_reads_the_process_environment_by_default(monkeypatch):
+    """Without an explicit env, load substitutes from os.environ."""
+    monkeypatch.setenv("TAG", "from-os-environ")
+    monkeypatch.delenv("REGISTRY", raising=False)
+    loaded = stack.load(STACK)
+    assert loaded.functions["runs"].image == "ghcr.io/faas-ci/runs:from-os-environ"
