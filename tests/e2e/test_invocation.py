@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ROOT, wait_for_run
+from conftest import ROOT, git, wait_for_run
 
-from faasci import STAGES
+from faasci import STAGES, trigger
 from faasci import stack as stack_file
 from faasci.local.cron import CRON_HEADERS, Scheduler, invoke_through_gateway
 
@@ -51,13 +51,44 @@ def test_any_stage_runs_alone_over_http(gateway, sample_repo, stage):
         assert "not integrated yet" in result["note"]
 
 
-def test_stage_continues_an_existing_run(gateway, sample_repo):
-    """{"run_id"} runs the run's queued stage, then the rest of the run follows by itself."""
-    created = gateway.call("runs", {"repo": str(sample_repo)}).json()
-    run = wait_for_run(gateway, created["id"])  # the first stage was dispatched already
-    assert run["status"] == "passed"
-    again = gateway.call("lint", {"run_id": run["id"]})
+def test_stage_continues_an_existing_run(gateway, client_settings, sample_repo):
+    """{"run_id"} runs the run's queued stage over HTTP; the rest of the run follows."""
+    run = trigger.start_run(str(sample_repo), "main", dispatch_first=False)
+    resp = gateway.call("lint", {"run_id": run.id})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "passed" and resp.json()["next"] == "unit"
+    final = wait_for_run(gateway, run.id)
+    assert final["status"] == "passed"
+    assert [len(s["attempts"]) for s in final["stages"]] == [1] * 6
+    again = gateway.call("lint", {"run_id": run.id})
     assert again.status_code == 409 and "already passed" in again.json()["error"]
+
+
+def test_push_event_on_the_webhook_starts_a_run(gateway, sample_repo):
+    """A GitHub-style push event starts a run of the pushed commit, which passes."""
+    head = git(sample_repo, "rev-parse", "HEAD")
+    event = {
+        "ref": "refs/heads/main",
+        "before": "0" * 40,
+        "after": head,
+        "repository": {"clone_url": f"file://{sample_repo}", "full_name": "acme/sample"},
+    }
+    resp = gateway.call("webhook", event, headers={"X-GitHub-Event": "push"})
+    assert resp.status_code == 202, resp.text
+    run = wait_for_run(gateway, resp.json()["run_id"])
+    assert run["status"] == "passed" and run["trigger"] == "push"
+    assert run["commit"] == head and run["ref"] == "main"
+
+
+def test_deleted_branch_push_starts_nothing(gateway, sample_repo):
+    """A push that deletes a branch (after = 0000…) is acknowledged and ignored."""
+    event = {
+        "ref": "refs/heads/gone",
+        "after": "0" * 40,
+        "repository": {"clone_url": f"file://{sample_repo}"},
+    }
+    resp = gateway.call("webhook", event)
+    assert resp.status_code == 200 and "deleted" in resp.json()["ignored"]
 
 
 def test_a_duplicate_delivery_does_not_run_a_stage_twice(gateway, sample_repo):

@@ -17,7 +17,7 @@ def pid_of(run_dir: Path, name: str) -> int | None:
         pid = int(pidfile.read_text())
     except (FileNotFoundError, ValueError):
         return None
-    if _alive(pid):
+    if alive(pid):
         return pid
     pidfile.unlink(missing_ok=True)
     return None
@@ -54,7 +54,7 @@ def stop(run_dir: Path, name: str, timeout: float = 15) -> bool:
         return False
     signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
     signal_group(pid, signal.SIGKILL)
     (run_dir / f"{name}.pid").unlink(missing_ok=True)
@@ -66,7 +66,7 @@ def signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):  # reap it if it is our child
         os.waitpid(pid, os.WNOHANG)
     try:

@@ -1,0 +1,104 @@
+"""`faasci up` and `faasci down` on a second stack of their own: idempotent start, a
+complete stop, and data (runs, logs) that outlives a restart. Also: secrets stay secret."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT
+
+from faasci.local import processes
+from faasci.local.config import LocalConfig
+
+FAASCI = str(Path(sys.executable).parent / "faasci")
+OTHER_STACK = {"OPENFAAS_URL": "http://127.0.0.1:29080", "FAASCI_NATS_PORT": "25222",
+               "FAASCI_S3_PORT": "29333"}  # fmt: skip
+
+
+@pytest.fixture
+def other_stack(tmp_path):
+    """Environment for a second stack in tmp_path; stopped afterwards whatever happened."""
+    env = {**os.environ, **OTHER_STACK, "FAASCI_HOME": str(tmp_path / "home"),
+           "FAASCI_STACK": str(ROOT / "stack.yml")}  # fmt: skip
+    env.pop("FAASCI_SECRETS_DIR", None)
+    yield env
+    subprocess.run([FAASCI, "down"], env=env, capture_output=True, timeout=120)
+
+
+def faasci(env, *args, timeout=300):
+    return subprocess.run([FAASCI, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def listening(port: int) -> bool:
+    try:
+        requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+        return True
+    except requests.ConnectionError:
+        return False
+
+
+def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
+    """up twice (the second says so), a run, down (every process gone), up: the run is kept."""
+    first = faasci(other_stack, "up")
+    assert first.returncode == 0, first.stderr
+    again = faasci(other_stack, "up")
+    assert again.returncode == 0 and "already up" in again.stderr
+
+    home = Path(other_stack["FAASCI_HOME"])
+    functions = requests.get("http://127.0.0.1:29080/system/functions", timeout=5).json()
+    pids = [processes.pid_of(home / "run", n) for n in ("gateway", "s3", "nats")]
+    pids += [f["pid"] for f in functions]
+    assert all(pids) and len(pids) == 3 + len(functions)
+
+    run = json.loads(faasci(other_stack, "run", str(sample_repo), "--json").stdout)
+    assert run["status"] == "passed"
+
+    down = faasci(other_stack, "down")
+    assert down.returncode == 0 and "gateway" in down.stderr
+    survivors = [pid for pid in pids if processes.alive(pid)]
+    assert survivors == [], "processes survived faasci down"
+    assert not any(listening(p) for p in (29080, 29081, 29333, 25222 + 4000))
+    assert faasci(other_stack, "down").stderr.strip() == "faas-ci was not running"
+
+    assert faasci(other_stack, "up").returncode == 0
+    shown = json.loads(faasci(other_stack, "show", run["id"], "--json").stdout)
+    assert shown == run
+    logs = faasci(other_stack, "logs", run["id"], "unit")
+    assert logs.returncode == 0 and "passed" in logs.stdout
+
+
+def test_secrets_reach_neither_logs_nor_commands(stack, gateway, make_repo):
+    """A stage's commands see no secret, and no log of the stack holds a secret's value."""
+    repo = make_repo({".faasci.yml": "service: envdump\nstages:\n  lint:\n    run: [env]\n"})
+    result = gateway.call("lint", {"repo": str(repo)}).json()
+    assert result["status"] == "passed"
+    command_env = gateway.call("pipeline-log", method="GET",
+                               path=f"{result['run_id']}/lint/1").text  # fmt: skip
+    assert "FAASCI_RUN_ID=" in command_env and "CI=true" in command_env
+    assert "FAASCI_SECRETS_DIR" not in command_env and "NATS_URL" not in command_env
+    secrets = [p.read_text().strip() for p in stack.secrets_dir.iterdir()]
+    assert len(secrets) >= 3
+    logs = "".join(p.read_text(errors="replace") for p in stack.logs.glob("*.log"))
+    for value in secrets:
+        assert value not in command_env
+        assert value not in logs
+
+
+def test_cli_invoke_prints_the_answer(stack):
+    """`faasci invoke` prints a function's JSON answer and exits by its status."""
+    env = {**os.environ, **stack.env()}
+    done = faasci(env, "invoke", "runs", "")
+    assert done.returncode == 1 and "body" in json.loads(done.stdout)["field"]
+    done = faasci(env, "invoke", "no-such-function", "{}")
+    assert done.returncode == 1 and "not found" in done.stdout
+
+
+def test_config_reads_the_stack_gateway(monkeypatch):
+    """Without OPENFAAS_URL the gateway is stack.yml's provider.gateway."""
+    monkeypatch.delenv("OPENFAAS_URL", raising=False)
+    assert LocalConfig.from_env(ROOT / "stack.yml").gateway_url == "http://127.0.0.1:8080"

@@ -1,0 +1,92 @@
+"""The run store on the real NATS server: atomic claims, and an event for every change."""
+
+import json
+import threading
+
+import pytest
+
+from faasci import pipeline, runs, services
+from faasci.errors import Conflict, NotFound
+from faasci.store import EVENTS_STREAM, EVENTS_SUBJECT
+
+
+def new_run() -> runs.Run:
+    spec = pipeline.validate(
+        {"service": "svc", "stages": {"lint": {"run": ["true"]}, "unit": {"run": ["true"]}}}
+    )
+    return runs.new_run(spec, repo="/tmp/r", ref="main", commit="a" * 40, source="/tmp/r")
+
+
+def test_concurrent_claims_of_one_attempt_have_one_winner(client_settings):
+    """Eight threads claiming the same attempt at once: exactly one gets it."""
+    store = services.run_store()
+    run = store.create(new_run())
+    results, barrier = [], threading.Barrier(8)
+
+    def claim(i):
+        barrier.wait()
+        try:
+            store.update(run.id, lambda r: runs.claim(r, "lint", 1, f"w{i}"), "stage.started")
+            results.append("won")
+        except Conflict:
+            results.append("lost")
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["lost"] * 7 + ["won"]
+    stored = store.get(run.id)
+    assert len(stored.stage("lint").attempts) == 1 and stored.stage("lint").status == "running"
+
+
+def test_a_failed_change_leaves_the_record_untouched(client_settings):
+    """An exception inside a change writes nothing."""
+    store = services.run_store()
+    run = store.create(new_run())
+    with pytest.raises(Conflict):
+        store.update(run.id, lambda r: runs.claim(r, "unit", None, "w"), "stage.started")
+    assert store.get(run.id) == run
+
+
+def test_unknown_run(client_settings):
+    """Reading a run that does not exist is NotFound."""
+    with pytest.raises(NotFound):
+        services.run_store().get("20000101-000000-000000")
+
+
+def test_every_change_is_published_as_an_event(client_settings):
+    """Create, claim and finish each publish an event on faasci.events.<run id>."""
+    store = services.run_store()
+    run = store.create(new_run())
+    store.update(run.id, lambda r: runs.claim(r, "lint", 1, "w"), "stage.started")
+    store.update(run.id, lambda r: runs.finish(r, "lint", 1, passed=True, exit_code=0),
+                 "stage.finished")  # fmt: skip
+
+    async def read_events():
+        js = await services.bus().js()
+        sub = await js.subscribe(f"{EVENTS_SUBJECT}.{run.id}", stream=EVENTS_STREAM,
+                                 ordered_consumer=True)  # fmt: skip
+        events = []
+        for _ in range(3):
+            msg = await sub.next_msg(timeout=5)
+            events.append(json.loads(msg.data))
+        await sub.unsubscribe()
+        return events
+
+    events = services.bus().call(read_events)
+    assert [e["event"] for e in events] == ["run.created", "stage.started", "stage.finished"]
+    assert events[-1]["stages"] == {"lint": "passed", "unit": "queued"}
+    assert all(e["run_id"] == run.id for e in events)
+
+
+def test_logs_round_trip_through_s3(client_settings, tmp_path):
+    """A log stored with the object store reads back byte for byte; a missing key is NotFound."""
+    store = services.objects()
+    path = tmp_path / "stage.log"
+    path.write_bytes("naïve ✓ log\n".encode() * 1000)
+    store.put_file("logs/test/unit/1.log", path)
+    assert store.get_bytes("logs/test/unit/1.log") == path.read_bytes()
+    with pytest.raises(NotFound):
+        store.get_bytes("logs/test/unit/404.log")
