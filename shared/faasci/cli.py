@@ -133,7 +133,7 @@ def cmd_run(args) -> int:
     run = follow(run["id"], args.timeout, live=args.follow)
     if args.json:
         print(json.dumps(run, indent=2))
-    else:
+    elif not args.follow:  # following drew the table already
         err.print(stages_table(run))
     err.print(
         f"run {run['id']} [{STYLE.get(run['status'], '')}]{run['status']}[/]"

@@ -102,3 +102,26 @@ def test_config_reads_the_stack_gateway(monkeypatch):
     """Without OPENFAAS_URL the gateway is stack.yml's provider.gateway."""
     monkeypatch.delenv("OPENFAAS_URL", raising=False)
     assert LocalConfig.from_env(ROOT / "stack.yml").gateway_url == "http://127.0.0.1:8080"
+
+
+def test_a_killed_function_is_restarted(gateway):
+    """SIGKILL of a function's process: the provider starts a new one that serves again."""
+    import signal
+    import time
+
+    def pipeline_log():
+        listed = gateway.session.get(f"{gateway.url}/system/functions").json()
+        return next(f for f in listed if f["name"] == "pipeline-log")
+
+    before = pipeline_log()
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        now = pipeline_log()
+        if now["pid"] != before["pid"] and now["availableReplicas"] == 1:
+            break
+        assert time.monotonic() < deadline, "pipeline-log was not restarted"
+        time.sleep(0.2)
+    assert now["restarts"] == before["restarts"] + 1
+    resp = gateway.call("pipeline-log", method="GET", path="20260101-000000-abcdef/unit/1")
+    assert resp.status_code == 404 and resp.json()["error"].startswith("no object")

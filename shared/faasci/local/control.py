@@ -80,13 +80,31 @@ def up(cfg: LocalConfig, say=print) -> bool:
         cfg.logs / "gateway.log",
         env,
     )
-    processes.wait_until(
-        lambda: gateway_healthy(cfg) and functions_ready(cfg),
-        90,
-        f"the gateway and functions (see {cfg.logs})",
-    )
+    try:
+        processes.wait_until(
+            lambda: gateway_healthy(cfg) and functions_ready(cfg), 90, "the gateway and functions"
+        )
+    except TimeoutError:
+        say(not_ready_report(cfg))
+        processes.stop(cfg.run, "gateway")
+        raise SystemExit("faas-ci did not come up; NATS and S3 are left running") from None
     say(f"gateway on {cfg.gateway_url}; logs in {cfg.logs}")
     return True
+
+
+def not_ready_report(cfg: LocalConfig) -> str:
+    """Which functions are not ready, with the end of each one's log."""
+    try:
+        listed = requests.get(f"{cfg.gateway_url}/system/functions", timeout=5).json()
+        names = [fn["name"] for fn in listed if fn["availableReplicas"] < 1]
+    except requests.RequestException:
+        names = ["gateway"]
+    lines = []
+    for name in names:
+        log = cfg.logs / f"{name}.log"
+        tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+        lines.append(f"{name} is not ready; {log}:\n  " + "\n  ".join(tail))
+    return "\n".join(lines)
 
 
 def down(cfg: LocalConfig, say=print) -> None:

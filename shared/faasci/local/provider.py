@@ -31,6 +31,8 @@ class FunctionProcess:
         self.started_at = 0.0
         self.restarts = 0
         self.invocations = 0
+        self.backoff = 0.0  # seconds before the next restart; doubles while crash-looping
+        self.restart_at = 0.0
 
     @property
     def url(self) -> str:
@@ -151,15 +153,27 @@ class Provider:
         threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
 
     def _supervise(self) -> None:
-        """Restart a function whose process died (as Kubernetes restarts a crashed pod)."""
-        while not self._stopping.wait(0.5):
+        """Restart a function whose process died, as Kubernetes restarts a crashed pod: at
+        once after a long life, with a doubling back-off (up to 30 s) when it keeps dying."""
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
             for fn in self.functions.values():
-                if fn.proc and fn.proc.poll() is not None and not self._stopping.is_set():
+                if fn.proc is None or fn.proc.poll() is None or now < fn.restart_at:
+                    continue
+                if fn.restart_at == 0:  # just noticed
+                    crashlooping = now - fn.started_at < 10
+                    fn.backoff = min(max(fn.backoff * 2, 0.5), 30) if crashlooping else 0
+                    fn.restart_at = now + fn.backoff
                     log.warning(
-                        "function %s exited with %s; restarting", fn.spec.name, fn.proc.returncode
+                        "function %s exited with %s; restarting in %.1fs",
+                        fn.spec.name,
+                        fn.proc.returncode,
+                        fn.backoff,
                     )
-                    fn.restarts += 1
-                    fn.start()
+                    continue
+                fn.restarts += 1
+                fn.restart_at = 0
+                fn.start()
 
     def stop(self) -> None:
         self._stopping.set()
