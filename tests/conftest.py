@@ -32,6 +32,34 @@ def commit_all(repo: Path, message: str = "change") -> str:
 
 
 @pytest.fixture
+def nats_bus(tmp_path):
+    """A Bus connected to a NATS server (JetStream, file storage) of this test's own."""
+    import socket
+    import sys
+    import time
+
+    from faasci.bus import Bus
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "nats-server"), "-js", "-a", "127.0.0.1",
+         "-p", str(port), "-sd", str(tmp_path / "nats")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        assert time.monotonic() < deadline, "nats-server did not start"
+        time.sleep(0.05)
+    bus = Bus(f"nats://127.0.0.1:{port}")
+    yield bus
+    bus.close()
+    server.kill()
+    server.wait()
+
+
+@pytest.fixture
 def make_repo(tmp_path):
     """Make a committed git repository from {relative path: text}; returns its path."""
     counter = iter(range(1000))
@@ -78,8 +106,18 @@ def scheduled_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(scheduled_repo):
-    """The real local stack, started afresh once for the session in .faasci/test/."""
+def slack():
+    """A local Slack (tests/slack_fake.py) that the test stack's notifier posts to."""
+    from slack_fake import SlackFake
+
+    with SlackFake() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def stack(scheduled_repo, slack):
+    """The real local stack, started afresh once for the session in .faasci/test/, its
+    notifier pointed at the local Slack."""
     from faasci.local import control
     from faasci.local.config import LocalConfig
 
@@ -96,6 +134,8 @@ def stack(scheduled_repo):
     cfg = LocalConfig.from_env()
     control.down(cfg, say=lambda *_: None)  # whatever an interrupted session left running
     shutil.rmtree(home, ignore_errors=True)
+    cfg.secrets_dir.mkdir(parents=True)
+    (cfg.secrets_dir / "slack-webhook-url").write_text(slack.webhook_url)
     try:
         control.up(cfg, say=lambda *_: None)
         yield cfg

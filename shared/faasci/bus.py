@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
+log = logging.getLogger("faasci.bus")
+
+# Errors after which the same call may well succeed: NATS restarting or JetStream not yet
+# ready. (nats-py's TimeoutError is also the builtin TimeoutError.)
+TRANSIENT = (
+    TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    ServiceUnavailableError,
+)
 
 
 class Bus:
@@ -34,9 +49,21 @@ class Bus:
         self._buckets: dict[str, KeyValue] = {}
         self._connect_lock = asyncio.Lock()
 
-    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = 60) -> T:
-        """Run `fn(*args)` on the bus's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(timeout)
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = 60,
+             patience: float = 0) -> T:  # fmt: skip
+        """Run `fn(*args)` on the bus's loop and wait for its result. With `patience`, a
+        transient failure is tried again (fn must be safe to repeat) for that many seconds."""
+        deadline = time.monotonic() + patience
+        wait = 0.2
+        while True:
+            try:
+                return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(timeout)
+            except TRANSIENT as e:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.warning("NATS: %s; trying again in %.1fs", type(e).__name__, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 5)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -56,7 +83,8 @@ class Bus:
         return self._nc
 
     async def js(self) -> JetStreamContext:
-        return (await self.nc()).jetstream(timeout=10)
+        # Long enough to ride out a NATS restart: requests made meanwhile are sent on reconnect.
+        return (await self.nc()).jetstream(timeout=30)
 
     async def bucket(self, name: str) -> KeyValue:
         """The key-value bucket, created with file storage on first use."""
@@ -84,11 +112,18 @@ class Bus:
         await js.publish(subject, json.dumps(payload).encode(), headers=headers)
 
     def close(self) -> None:
+        """Stop whatever runs on the loop (workers), close the connection, stop the loop."""
+
         async def _close():
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             if self._nc is not None:
-                await self._nc.drain()
+                await self._nc.close()
 
         try:
-            self.call(_close, timeout=5)
+            self.call(_close, timeout=10)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)

@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     c = command("show", cmd_show, "show one run")
     c.add_argument("run")
     c.add_argument("--json", action="store_true")
+    c = command("cancel", cmd_cancel, "cancel a run: its running stage is killed")
+    c.add_argument("run")
     c = command("logs", cmd_logs, "print the logs of a run's stages")
     c.add_argument("run")
     c.add_argument("stage", nargs="?")
@@ -200,6 +202,12 @@ def cmd_show(args) -> int:
     else:
         Console().print(stages_table(run))
         print(f"status: {run['status']}  trigger: {run['trigger']}  repo: {run['repo']}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    run = answer(gateway().call("runs", path=f"{args.run}/cancel"))
+    err.print(f"run {run['id']} {run['status']}")
     return 0
 
 

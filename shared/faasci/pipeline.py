@@ -11,6 +11,7 @@ Unknown keys are kept (later features read them) but never change these keys' me
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Annotated, Literal
 
@@ -43,6 +44,22 @@ def _scalar(value):
 EnvValue = Annotated[str, BeforeValidator(_scalar)]
 
 
+class Backoff(BaseModel):
+    """Waiting before a retry: exponential with jitter, capped. Attempt n+1 waits
+    min(max_s, initial_s * factor**(n-1)), scaled by a random factor in [1 - jitter, 1]."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_s: float = Field(default=5, ge=0, le=3600)
+    factor: float = Field(default=2, ge=1, le=10)
+    max_s: float = Field(default=300, ge=0, le=6 * 3600)
+    jitter: float = Field(default=0.5, ge=0, le=1)
+
+    def delay(self, failed_attempt: int) -> float:
+        base = min(self.max_s, self.initial_s * self.factor ** (failed_attempt - 1))
+        return round(base * (1 - self.jitter * random.random()), 3)
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -52,6 +69,7 @@ class StageSpec(BaseModel):
     retries: int = Field(default=3, ge=0, le=10, strict=True)
     # A failing test fails fast; infrastructure trouble and timeouts are worth another try.
     retry_on: list[RetryReason] = ["timeout", "infra"]
+    backoff: Backoff = Backoff()
 
     @field_validator("run", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ same invocation finds its attempt already taken and does nothing.
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -47,6 +47,7 @@ class Attempt(BaseModel):
     log: str | None = None  # link served by the pipeline-log function
     log_key: str | None = None  # object key in S3
     worker: str | None = None
+    heartbeat_at: datetime | None = None  # the worker is alive while this keeps moving
 
 
 class StageRun(BaseModel):
@@ -56,10 +57,22 @@ class StageRun(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_s: float | None = None
+    retry_at: datetime | None = None  # when the next attempt is due, while backing off
 
     @property
     def next_attempt(self) -> int:
         return len(self.attempts) + 1
+
+
+class Alert(BaseModel):
+    """The one Slack alert a failed run gets: queued until delivered, never sent twice."""
+
+    status: Literal["pending", "sending", "sent", "rejected", "unconfigured"] = "pending"
+    tries: int = 0
+    last_error: str | None = None
+    sending_since: datetime | None = None
+    sent_at: datetime | None = None
+    delivery: str | None = None  # Slack's message ts, or "webhook"
 
 
 class Run(BaseModel):
@@ -79,6 +92,7 @@ class Run(BaseModel):
     duration_s: float | None = None
     pipeline: Pipeline
     stages: list[StageRun] = []
+    alert: Alert | None = None
 
     def stage(self, name: str) -> StageRun:
         for stage in self.stages:
@@ -104,20 +118,28 @@ def new_run(pipeline: Pipeline, only: str | None = None, **fields) -> Run:
     return run
 
 
-# Transitions. Each mutates the run it is given and says what should happen next.
+# Transitions. Each mutates the run it is given and says what should happen next; each
+# can be applied again after an ambiguous write (a NATS timeout) without doing more.
 
 
 class Next(BaseModel):
-    """What a finished attempt leads to: invoke `stage` (attempt `attempt`), or nothing more."""
+    """What a finished attempt leads to: invoke `stage` (attempt `attempt`, after `delay_s`),
+    or nothing more; `notify` when the run has just failed."""
 
     stage: str | None = None
     attempt: int = 1
+    delay_s: float = 0
     run_finished: bool = False
+    notify: bool = False
 
 
 def claim(run: Run, stage_name: str, attempt: int | None, worker: str) -> Attempt:
     """Take attempt `attempt` (the next one when None) of a stage; Conflict if it is not free."""
     stage = run.stage(stage_name)
+    if attempt is not None and 0 < attempt <= len(stage.attempts):
+        mine = stage.attempts[attempt - 1]
+        if mine.worker == worker and mine.status == "running":  # our own write, applied again
+            return mine
     if run.finished:
         raise Conflict(f"run {run.id} is already {run.status}", field="run_id")
     if stage.status != "queued":
@@ -127,13 +149,23 @@ def claim(run: Run, stage_name: str, attempt: int | None, worker: str) -> Attemp
         raise Conflict(
             f"attempt {wanted} of {stage_name} in run {run.id} was already taken", field="attempt"
         )
-    taken = Attempt(number=wanted, worker=worker)
+    taken = Attempt(number=wanted, worker=worker, heartbeat_at=now())
     stage.attempts.append(taken)
     stage.status = "running"
+    stage.retry_at = None
     stage.started_at = stage.started_at or taken.started_at
     run.status = "running"
     run.started_at = run.started_at or taken.started_at
     return taken
+
+
+def heartbeat(run: Run, stage_name: str, number: int) -> bool:
+    """Mark a running attempt alive; False when it is no longer running (lost or cancelled)."""
+    attempt = run.stage(stage_name).attempts[number - 1]
+    if attempt.status != "running" or run.finished:
+        return False
+    attempt.heartbeat_at = now()
+    return True
 
 
 def finish(
@@ -141,38 +173,84 @@ def finish(
     stage_name: str,
     number: int,
     *,
-    passed: bool,
-    exit_code: int | None,
+    status: AttemptStatus,
+    exit_code: int | None = None,
     reason: str | None = None,
     error: str | None = None,
     log: str | None = None,
     log_key: str | None = None,
 ) -> Next:
-    """Record the end of an attempt and decide what follows: the next stage, a retry, or the end."""
+    """Record the end of an attempt and decide what follows: the next stage, a retry after
+    its back-off, or the end of the run."""
     stage = run.stage(stage_name)
     attempt = stage.attempts[number - 1]
-    attempt.status = "passed" if passed else "failed"
+    if attempt.status != "running":  # already recorded (a repeated write, or a lost worker)
+        return next_after(run, stage_name, number)
+    attempt.status = status
     attempt.exit_code, attempt.reason, attempt.error = exit_code, reason, error
     attempt.log, attempt.log_key = log, log_key
     attempt.finished_at = now()
     attempt.duration_s = _seconds(attempt.started_at, attempt.finished_at)
     if run.finished:  # cancelled meanwhile: record the attempt, start nothing
+        _close_stage(stage, "cancelled", attempt.finished_at)
+        return Next(run_finished=True)
+    if status == "cancelled":
+        _close_stage(stage, "cancelled", attempt.finished_at)
+        _end(run, "cancelled")
         return Next(run_finished=True)
 
     spec = run.pipeline.stages.get(stage_name)
-    if not passed and spec and reason in spec.retry_on and number <= spec.retries:
+    if status == "failed" and spec and reason in spec.retry_on and number <= spec.retries:
+        delay = spec.backoff.delay(number)
         stage.status = "queued"
-        return Next(stage=stage_name, attempt=number + 1)
+        stage.retry_at = attempt.finished_at + timedelta(seconds=delay)
+        return Next(stage=stage_name, attempt=number + 1, delay_s=delay)
 
-    stage.status = "passed" if passed else "failed"
-    stage.finished_at = attempt.finished_at
-    stage.duration_s = _seconds(stage.started_at, stage.finished_at)
+    _close_stage(stage, status, attempt.finished_at)
     following = run.stage_after(stage_name)
-    if passed and following is not None:
+    if status == "passed" and following is not None:
         following.status = "queued"
         return Next(stage=following.name)
-    _end(run, "passed" if passed else "failed")
+    _end(run, status)
+    if status == "failed":
+        run.alert = Alert()
+        return Next(run_finished=True, notify=True)
     return Next(run_finished=True)
+
+
+def lose(run: Run, stage_name: str, number: int, silent_s: float) -> Next:
+    """The worker of a running attempt stopped sending heartbeats: the attempt failed for an
+    infrastructure reason (and is retried as such)."""
+    return finish(run, stage_name, number, status="failed", reason="infra",
+                  error=f"worker lost: no heartbeat for {silent_s:.0f}s")  # fmt: skip
+
+
+def next_after(run: Run, stage_name: str, number: int) -> Next:
+    """What should follow attempt `number` of a stage, judged from the record alone."""
+    stage = run.stage(stage_name)
+    if run.finished:
+        return Next(run_finished=True, notify=run.status == "failed")
+    if stage.status == "queued" and stage.next_attempt == number + 1:
+        wait = (stage.retry_at - now()).total_seconds() if stage.retry_at else 0
+        return Next(stage=stage_name, attempt=number + 1, delay_s=max(wait, 0))
+    following = run.stage_after(stage_name)
+    if stage.status == "passed" and following and following.status == "queued":
+        return Next(stage=following.name, attempt=following.next_attempt)
+    return Next()
+
+
+def cancel(run: Run) -> None:
+    """Stop a run: queued stages never start; a running one is killed by its worker."""
+    if run.finished:
+        raise Conflict(f"run {run.id} is already {run.status}", field="run_id")
+    _end(run, "cancelled")
+
+
+def _close_stage(stage: StageRun, status: StageStatus, at: datetime) -> None:
+    stage.status = status
+    stage.retry_at = None
+    stage.finished_at = at
+    stage.duration_s = _seconds(stage.started_at, stage.finished_at)
 
 
 def _end(run: Run, status: RunStatus) -> None:

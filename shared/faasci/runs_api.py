@@ -1,7 +1,9 @@
-"""The `runs` function's resource: GET / (history), GET /<id> (one run), POST / (start one)."""
+"""The `runs` function's resource: GET / (history), GET /<id> (one run), POST / (start one),
+POST /<id>/cancel (stop one)."""
 
 from __future__ import annotations
 
+from . import runs
 from .api import json_body, run_id_field, string_field
 from .errors import NotFound, UserError
 from .services import run_store
@@ -22,6 +24,9 @@ def route(event) -> dict:
             trigger=body.get("trigger") if body.get("trigger") == "cli" else "http",
         )
         return {"statusCode": 201, "body": run.model_dump(mode="json")}
+    if event.method == "POST" and len(parts) == 2 and parts[1] == "cancel":
+        run, _ = run_store().update(run_id_field(parts[0]), runs.cancel, "run.cancelled")
+        return run.model_dump(mode="json")
     raise NotFound(f"no route {event.method} {event.path}", field="path")
 
 

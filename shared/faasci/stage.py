@@ -1,7 +1,13 @@
 """Executing one attempt of one stage of a run, and handing the run on.
 
-claim the attempt → check out the commit → run the commands → store the log in S3 →
-record the result → invoke what follows asynchronously, with only references in the body.
+claim the attempt → check out the commit → run the commands (a watcher keeps the
+attempt's heartbeat and stops the commands on cancel) → store the log in S3 → record the
+result → invoke what follows asynchronously, with only references in the body: the next
+stage, a retry once its back-off has passed (a timer, not a sleeping worker), or the
+notifier when the run has failed.
+
+A worker that dies mid-attempt stops its heartbeat; the attempt's lease timer notices and
+records the attempt as lost, which is retried like any infrastructure failure.
 """
 
 from __future__ import annotations
@@ -11,18 +17,23 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
-from . import git, runs, services, shell
+from . import git, runs, services, shell, timers
 from .invoke import InvocationError
-from .runs import Run
+from .runs import Next, Run
 from .settings import settings
 
 log = logging.getLogger("faasci.stage")
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 LOG_TAIL_CHARS = 4000
+HEARTBEAT_S = 5  # how often a running attempt says it is alive
+LEASE_S = 30  # silence after which its worker counts as lost
+WATCH_S = 1  # how often the watcher looks for a cancel
 # Stages whose integrations (image build, GitOps, rollout) are not wired in yet say so.
 COMMANDS_ONLY = {
     "build": "ran the configured commands; no image was built (not integrated yet)",
@@ -47,14 +58,17 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     )
     number = taken.number
     log.info("run %s: %s attempt %d started", run_id, stage, number)
+    arm_lease(run_id, stage, number)
     workdir = settings().workdir / f"{run_id}-{stage}-{number}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     log_file = workdir / "stage.log"
     started = time.monotonic()
+    watcher = Watcher(run_id, stage, number)
+    watcher.start()
     try:
         with log_file.open("wb") as out:
-            outcome, reason, error = _run_commands(run, stage, number, workdir, out)
+            outcome, reason, error = _run_commands(run, stage, number, workdir, out, watcher)
         tail = _tail(log_file)
         key, link = log_key(run_id, stage, number), log_link(run_id, stage, number)
         try:
@@ -63,32 +77,24 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
             log.error("run %s: storing the log of %s failed: %s", run_id, stage, e)
             reason, error, key, link = "infra", f"storing the log failed: {e}", None, None
     finally:
+        watcher.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
+    status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
     run, following = store.update(
         run_id,
-        lambda r: runs.finish(
-            r,
-            stage,
-            number,
-            passed=outcome.passed and reason is None,
-            exit_code=outcome.exit_code,
-            reason=reason,
-            error=error,
-            log=link,
-            log_key=key,
-        ),
+        lambda r: runs.finish(r, stage, number, status=status, exit_code=outcome.exit_code,
+                              reason=reason, error=error, log=link, log_key=key),
         "stage.finished",
-    )
-    if following.stage:
-        dispatch(run_id, following.stage, following.attempt)
-    status = run.stage(stage).attempts[number - 1].status
-    log.info("run %s: %s attempt %d %s", run_id, stage, number, status)
+    )  # fmt: skip
+    hand_on(run_id, following)
+    recorded = run.stage(stage).attempts[number - 1].status
+    log.info("run %s: %s attempt %d %s", run_id, stage, number, recorded)
     result = {
         "run_id": run_id,
         "stage": stage,
         "attempt": number,
-        "status": status,
+        "status": recorded,
         "exit_code": outcome.exit_code,
         "reason": reason,
         "error": error,
@@ -97,6 +103,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         "log_tail": tail,
         "commands": len(run.pipeline.stages[stage].run),
         "next": following.stage,
+        "retry_in_s": following.delay_s if following.stage == stage else None,
         "run_status": run.status,
     }
     if stage in COMMANDS_ONLY:
@@ -104,7 +111,44 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     return result
 
 
-def _run_commands(run: Run, stage: str, number: int, workdir: Path, out):
+class Watcher(threading.Thread):
+    """Beside a running attempt: writes its heartbeat, and sets `stop_commands` when the run
+    is cancelled or the attempt is no longer this worker's (declared lost)."""
+
+    def __init__(self, run_id: str, stage: str, number: int):
+        super().__init__(name=f"watch-{run_id}-{stage}", daemon=True)
+        self.run_id, self.stage, self.number = run_id, stage, number
+        self.stop_commands = threading.Event()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        store, last_beat = services.run_store(), time.monotonic()
+        while not self._done.wait(WATCH_S):
+            try:
+                if time.monotonic() - last_beat >= HEARTBEAT_S:
+                    _, alive = store.update(
+                        self.run_id,
+                        lambda r: runs.heartbeat(r, self.stage, self.number),
+                        event=None,
+                    )
+                    last_beat = time.monotonic()
+                else:
+                    run = store.get(self.run_id)
+                    attempt = run.stage(self.stage).attempts[self.number - 1]
+                    alive = attempt.status == "running" and not run.finished
+            except Exception as e:  # NATS restarting: the commands go on meanwhile
+                log.warning("run %s: watching %s failed: %s", self.run_id, self.stage, e)
+                continue
+            if not alive:
+                log.info("run %s: %s cancelled or taken over; stopping", self.run_id, self.stage)
+                self.stop_commands.set()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher):
     """Check out and run; returns (outcome, failure reason or None, error line or None)."""
     spec = run.pipeline.stages[stage]
     checkout = workdir / "src"
@@ -114,16 +158,18 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out):
         out.write(f"[faas-ci] {e}\n".encode())
         return shell.Outcome(exit_code=None), "infra", str(e)
     out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}\n".encode())
-    cwd = checkout / run.path
     home = workdir / "home"
     home.mkdir()
     try:
         outcome = shell.run_commands(
-            spec.run, cwd, _command_env(run, stage, number, home), spec.timeout, out
-        )
+            spec.run, checkout / run.path, _command_env(run, stage, number, home), spec.timeout,
+            out, cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
+        )  # fmt: skip
     except OSError as e:  # e.g. the service folder is missing at this commit
         out.write(f"[faas-ci] cannot run commands: {e}\n".encode())
         return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}"
+    if outcome.cancelled:
+        return outcome, "cancelled", "cancelled while running"
     if outcome.timed_out:
         return outcome, "timeout", f"timed out after {spec.timeout}s in {outcome.command!r}"
     if outcome.exit_code:
@@ -156,17 +202,67 @@ def _tail(path: Path) -> str:
         return f.read().decode(errors="replace")
 
 
+# Handing on: every path out of an attempt goes through here.
+
+
+def hand_on(run_id: str, following: Next) -> None:
+    if following.stage and following.delay_s > 0:
+        stage, attempt = following.stage, following.attempt
+        timers.schedule(services.bus(), "dispatch",
+                        {"run_id": run_id, "stage": stage, "attempt": attempt},
+                        following.delay_s, f"{run_id}.{stage}.{attempt}.due")  # fmt: skip
+    elif following.stage:
+        dispatch(run_id, following.stage, following.attempt)
+    if following.notify:
+        invoke_with_retries("notifier", {"run_id": run_id}, f"{run_id}.notify")
+
+
 def dispatch(run_id: str, stage: str, attempt: int) -> None:
     """Invoke a stage asynchronously. The call id is derived from the attempt, so the
     gateway's queue drops a repeated dispatch of the same attempt."""
-    body = {"run_id": run_id, "attempt": attempt}
-    call_id = f"{run_id}.{stage}.{attempt}"
-    for wait in (0.5, 1, 2, 4, 8, None):
+    invoke_with_retries(stage, {"run_id": run_id, "attempt": attempt},
+                        f"{run_id}.{stage}.{attempt}")  # fmt: skip
+
+
+def invoke_with_retries(function: str, body: dict, call_id: str) -> None:
+    for wait in (0.5, 1, 2, 4, 8, 15, None):
         try:
-            services.gateway().call_async(stage, body, call_id=call_id)
+            services.gateway().call_async(function, body, call_id=call_id)
             return
         except InvocationError as e:
             if wait is None:
                 raise
-            log.warning("run %s: dispatching %s failed (%s); retrying", run_id, stage, e)
+            log.warning("invoking %s (%s) failed: %s; retrying", function, call_id, e)
             time.sleep(wait)
+
+
+def arm_lease(run_id: str, stage: str, number: int) -> None:
+    timers.schedule(services.bus(), "lease", {"run_id": run_id, "stage": stage, "attempt": number},
+                    LEASE_S, f"{run_id}.{stage}.{number}.lease")  # fmt: skip
+
+
+# Timer handlers (run by the timers function).
+
+
+def on_dispatch_timer(timer: dict) -> None:
+    """A retry's back-off has passed: invoke the attempt."""
+    dispatch(timer["run_id"], timer["stage"], timer["attempt"])
+
+
+def on_lease_timer(timer: dict) -> float | None:
+    """Is the attempt's worker alive? Look again later while it is; record it lost when its
+    heartbeat has been silent for LEASE_S, and hand the run on."""
+    run_id, stage, number = timer["run_id"], timer["stage"], timer["attempt"]
+    run = services.run_store().get(run_id)
+    attempt = run.stage(stage).attempts[number - 1]
+    if attempt.status != "running":
+        return None
+    silent = runs.now() - (attempt.heartbeat_at or attempt.started_at)
+    if silent < timedelta(seconds=LEASE_S):
+        return LEASE_S - silent.total_seconds() + 1
+    log.warning("run %s: %s attempt %d lost (%s)", run_id, stage, number, attempt.worker)
+    _, following = services.run_store().update(
+        run_id, lambda r: runs.lose(r, stage, number, silent.total_seconds()), "stage.lost"
+    )
+    hand_on(run_id, following)
+    return None

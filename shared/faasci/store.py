@@ -2,6 +2,8 @@
 
 Updates are compare-and-set on the entry's revision, so two functions changing one run
 at once never overwrite each other: the loser re-reads and applies its change again.
+Every call rides out a NATS restart (PATIENCE_S); the transitions in faasci.runs may be
+applied twice without effect, which makes repeating a write of unknown outcome safe.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import NotFound
 from .runs import Run
 
 T = TypeVar("T")
+PATIENCE_S = 120
 
 BUCKET = "faasci-runs"
 EVENTS_STREAM = "FAASCI_EVENTS"
@@ -44,14 +47,18 @@ class RunStore:
     def create(self, run: Run) -> Run:
         async def _create():
             kv = await self._kv()
-            await kv.create(run.id, run.model_dump_json().encode())
+            try:
+                await kv.create(run.id, run.model_dump_json().encode())
+            except KeyWrongLastSequenceError:  # a repeat of a create that went through
+                if (await self._get(run.id))[0] != run:
+                    raise
             await self._publish(run, "run.created")
 
-        self.bus.call(_create)
+        self.bus.call(_create, patience=PATIENCE_S)
         return run
 
     def get(self, run_id: str) -> Run:
-        return self.bus.call(self._get, run_id)[0]
+        return self.bus.call(self._get, run_id, patience=PATIENCE_S)[0]
 
     async def _get(self, run_id: str) -> tuple[Run, int]:
         kv = await self._kv()
@@ -61,9 +68,10 @@ class RunStore:
             raise NotFound(f"no run {run_id!r}", field="run_id") from None
         return Run.model_validate_json(entry.value), entry.revision
 
-    def update(self, run_id: str, change: Callable[[Run], T], event: str) -> tuple[Run, T]:
+    def update(self, run_id: str, change: Callable[[Run], T], event: str | None) -> tuple[Run, T]:
         """Apply `change` to the run atomically; retried on a concurrent write. An exception
-        from `change` leaves the record untouched."""
+        from `change` leaves the record untouched. `event` names the change on NATS (None:
+        not worth an event, such as a heartbeat)."""
 
         async def _update():
             kv = await self._kv()
@@ -74,10 +82,11 @@ class RunStore:
                     await kv.update(run_id, run.model_dump_json().encode(), last=revision)
                 except KeyWrongLastSequenceError:
                     continue
-                await self._publish(run, event)
+                if event:
+                    await self._publish(run, event)
                 return run, result
 
-        return self.bus.call(_update)
+        return self.bus.call(_update, patience=PATIENCE_S)
 
     def list(self, limit: int = 50) -> list[Run]:
         """The newest runs first (run ids sort by creation time)."""
@@ -94,7 +103,7 @@ class RunStore:
                     runs.append((await self._get(key))[0])
             return runs
 
-        return self.bus.call(_list)
+        return self.bus.call(_list, patience=PATIENCE_S)
 
     async def _publish(self, run: Run, event: str) -> None:
         await self.bus.publish_json(

@@ -61,7 +61,7 @@ def test_every_change_is_published_as_an_event(client_settings):
     store = services.run_store()
     run = store.create(new_run())
     store.update(run.id, lambda r: runs.claim(r, "lint", 1, "w"), "stage.started")
-    store.update(run.id, lambda r: runs.finish(r, "lint", 1, passed=True, exit_code=0),
+    store.update(run.id, lambda r: runs.finish(r, "lint", 1, status="passed", exit_code=0),
                  "stage.finished")  # fmt: skip
 
     async def read_events():

@@ -7,7 +7,7 @@ import pytest
 
 from faasci import pipeline, runs
 from faasci.api import RUN_ID_RE
-from faasci.errors import Conflict
+from faasci.errors import Conflict, Unprocessable
 
 PIPELINE = """\
 service: inventory
@@ -25,7 +25,7 @@ def run() -> runs.Run:
 
 
 def passed(run, stage, number):
-    return runs.finish(run, stage, number, passed=True, exit_code=0)
+    return runs.finish(run, stage, number, status="passed", exit_code=0)
 
 
 def test_new_run_queues_the_first_stage_only():
@@ -79,7 +79,7 @@ def test_second_claim_of_the_same_attempt_conflicts(run):
 def test_claim_of_an_old_attempt_after_a_retry_conflicts(run):
     """Once attempt 2 is queued, a late duplicate of attempt 1 is refused."""
     runs.claim(run, "lint", 1, "w")
-    runs.finish(run, "lint", 1, passed=False, exit_code=None, reason="timeout")
+    runs.finish(run, "lint", 1, status="failed", exit_code=None, reason="timeout")
     with pytest.raises(Conflict) as caught:
         runs.claim(run, "lint", 1, "late-duplicate")
     assert caught.value.field == "attempt"
@@ -134,7 +134,7 @@ def test_failure_not_in_retry_on_fails_the_run_and_skips_later_stages(run):
     """A failing test (reason `exit`) is not retried: run failed, later stages skipped."""
     runs.claim(run, "lint", 1, "w")
     following = runs.finish(
-        run, "lint", 1, passed=False, exit_code=1, reason="exit", error="ruff found 3 errors"
+        run, "lint", 1, status="failed", exit_code=1, reason="exit", error="ruff found 3 errors"
     )
     assert following.stage is None
     assert following.run_finished
@@ -157,7 +157,7 @@ def test_failure_not_in_retry_on_fails_the_run_and_skips_later_stages(run):
 def test_retryable_failure_queues_the_same_stage_with_the_next_attempt(run):
     """A timeout with retries left queues the same stage again as attempt n+1."""
     runs.claim(run, "lint", 1, "w")
-    following = runs.finish(run, "lint", 1, passed=False, exit_code=None, reason="timeout")
+    following = runs.finish(run, "lint", 1, status="failed", exit_code=None, reason="timeout")
     assert (following.stage, following.attempt, following.run_finished) == ("lint", 2, False)
     assert run.stage("lint").status == "queued"
     assert run.stage("lint").attempts[0].status == "failed"
@@ -174,7 +174,7 @@ def test_retries_run_out_after_one_plus_retries_attempts(run):
         taken = runs.claim(run, "unit", None, "w")
         assert taken.number == number
         outcomes.append(
-            runs.finish(run, "unit", number, passed=False, exit_code=None, reason="infra")
+            runs.finish(run, "unit", number, status="failed", exit_code=None, reason="infra")
         )
     assert [(n.stage, n.attempt) for n in outcomes[:2]] == [("unit", 2), ("unit", 3)]
     assert outcomes[2].stage is None and outcomes[2].run_finished
@@ -189,7 +189,7 @@ def test_retries_run_out_after_one_plus_retries_attempts(run):
 def test_a_pass_on_retry_moves_on(run):
     """A retried stage that passes on attempt 2 queues the next stage."""
     runs.claim(run, "lint", 1, "w")
-    runs.finish(run, "lint", 1, passed=False, exit_code=None, reason="infra")
+    runs.finish(run, "lint", 1, status="failed", exit_code=None, reason="infra")
     runs.claim(run, "lint", 2, "w")
     following = passed(run, "lint", 2)
     assert following.stage == "unit"
@@ -215,3 +215,84 @@ def test_json_round_trip_keeps_utc_times_ending_in_z(run):
     assert again.created_at == run.created_at
     assert again.pipeline.stage_names() == ["lint", "unit", "build"]
     assert runs.now().tzinfo == UTC
+
+
+# Retries with back-off, lost workers, cancelling, and transitions applied twice.
+
+
+def test_a_retry_waits_its_backoff(run):
+    """A retryable failure queues the next attempt after the stage's back-off delay."""
+    runs.claim(run, "lint", 1, "w")
+    following = runs.finish(run, "lint", 1, status="failed", reason="timeout")
+    assert following.stage == "lint" and following.attempt == 2
+    assert 2.5 <= following.delay_s <= 5  # 5 s initial, jitter of up to half
+    assert run.stage("lint").retry_at > run.stage("lint").attempts[0].finished_at
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    """Delays double from initial_s, stop at max_s, and jitter only shortens them."""
+    b = pipeline.Backoff(initial_s=1, factor=2, max_s=5, jitter=0)
+    assert [b.delay(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+    jittered = pipeline.Backoff(initial_s=10, factor=2, max_s=100, jitter=0.5)
+    delays = {jittered.delay(1) for _ in range(50)}
+    assert all(5 <= d <= 10 for d in delays) and len(delays) > 1
+
+
+def test_backoff_in_the_pipeline_file_names_a_bad_field():
+    """An unknown backoff key is refused with its field named."""
+    text = "stages:\n  unit:\n    run: [pytest]\n    backoff: {initial: 3}\n"
+    with pytest.raises(Unprocessable) as caught:
+        pipeline.parse(text, "svc")
+    assert caught.value.field == "stages.unit.backoff.initial"
+
+
+def test_a_failed_run_asks_for_one_alert(run):
+    """When retries run out the run fails, its alert is pending, and the notifier is asked."""
+    runs.claim(run, "lint", 1, "w")
+    following = runs.finish(run, "lint", 1, status="failed", reason="exit")
+    assert following.notify and following.run_finished
+    assert run.alert.status == "pending"
+    again = runs.finish(run, "lint", 1, status="failed", reason="exit")
+    assert again.notify and run.alert.status == "pending"  # a repeat changes nothing
+
+
+def test_claim_repeated_by_its_own_worker_is_the_same_attempt(run):
+    """A claim written twice (an ambiguous write retried) returns the worker's attempt."""
+    first = runs.claim(run, "lint", 1, "w1")
+    assert runs.claim(run, "lint", 1, "w1") is first
+    with pytest.raises(Conflict):
+        runs.claim(run, "lint", 1, "w2")
+    assert len(run.stage("lint").attempts) == 1
+
+
+def test_finish_applied_twice_hands_on_once(run):
+    """A repeated finish leaves the record alone and says the same thing should follow."""
+    runs.claim(run, "lint", 1, "w")
+    first = passed(run, "lint", 1)
+    snapshot = run.model_copy(deep=True)
+    assert passed(run, "lint", 1) == first and run == snapshot
+
+
+def test_a_lost_worker_fails_its_attempt_as_infra_and_is_retried(run):
+    """lose() records the attempt failed (infra) and queues a retry, as infra is retryable."""
+    runs.claim(run, "lint", 1, "dead")
+    following = runs.lose(run, "lint", 1, 42)
+    attempt = run.stage("lint").attempts[0]
+    assert attempt.status == "failed" and attempt.reason == "infra"
+    assert "no heartbeat for 42s" in attempt.error
+    assert following.stage == "lint" and following.attempt == 2
+    assert runs.heartbeat(run, "lint", 1) is False  # the old worker learns it lost
+
+
+def test_cancel_stops_queued_stages_and_the_running_one(run):
+    """Cancelling ends the run; the running attempt is recorded cancelled when it stops."""
+    runs.claim(run, "lint", 1, "w")
+    runs.cancel(run)
+    assert run.status == "cancelled" and run.finished_at is not None
+    assert [s.status for s in run.stages] == ["running", "cancelled", "cancelled"]
+    assert runs.heartbeat(run, "lint", 1) is False
+    following = runs.finish(run, "lint", 1, status="cancelled", reason="cancelled")
+    assert following.run_finished and not following.stage
+    assert run.stage("lint").status == "cancelled"
+    with pytest.raises(Conflict):
+        runs.cancel(run)

@@ -14,8 +14,10 @@ from ..settings import Settings
 from . import processes, services
 from .config import LocalConfig
 
-# Secrets the stack can make for itself; any other secret stack.yml names must be provided.
+# Secrets the stack can make for itself, and those it leaves empty for people to fill in
+# (an empty Slack secret means "not configured"); any other secret must be provided.
 GENERATED_SECRETS = ("s3-access-key", "s3-secret-key", "webhook-secret")
+EMPTY_SECRETS = ("slack-webhook-url", "slack-bot-token")
 
 
 def client_settings(cfg: LocalConfig) -> Settings:
@@ -46,10 +48,10 @@ def functions_ready(cfg: LocalConfig) -> bool:
 
 def ensure_secrets(cfg: LocalConfig) -> None:
     cfg.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name in GENERATED_SECRETS:
+    for name in (*GENERATED_SECRETS, *EMPTY_SECRETS):
         path = cfg.secrets_dir / name
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(24))
+            path.write_text(secrets.token_urlsafe(24) if name in GENERATED_SECRETS else "")
             os.chmod(path, 0o600)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import requests
 
+from .. import shell
 from ..stack import FunctionSpec, Stack
 from .config import LocalConfig
 
@@ -39,10 +40,31 @@ class FunctionProcess:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def workdir(self) -> Path:
+        """Checkouts and the process groups of running commands (a container's disk)."""
+        return self.cfg.workdir / self.spec.name
+
+    def kill_orphans(self) -> None:
+        """Kill the commands a dead function process left running. In a container they die
+        with it; here they live in process groups of their own, recorded in pgid files."""
+        for pgid_file in self.workdir.glob("*/pgid"):
+            try:
+                shell.kill_group(int(pgid_file.read_text()))
+                log.warning(
+                    "function %s: killed orphaned commands (group %s)",
+                    self.spec.name,
+                    pgid_file.read_text(),
+                )
+            except (ValueError, OSError):
+                pass
+            pgid_file.unlink(missing_ok=True)
+
+    @property
     def context(self) -> Path:
         return self.cfg.run / "functions" / self.spec.name
 
     def prepare(self) -> None:
+        self.kill_orphans()  # left by a stack that was stopped hard
         ctx = self.context
         ctx.mkdir(parents=True, exist_ok=True)
         template = self.cfg.stack_file.parent / "template" / TEMPLATE
@@ -81,12 +103,13 @@ class FunctionProcess:
             "HOSTNAME": f"{self.spec.name}-local",
             "FAASCI_FUNCTION": self.spec.name,
             "FAASCI_SECRETS_DIR": str(cfg.run / "secrets" / self.spec.name),
-            "FAASCI_WORKDIR": str(cfg.workdir),
+            "FAASCI_WORKDIR": str(self.workdir),
             "FAASCI_SNAPSHOTS": str(cfg.data / "snapshots.git"),
         }
 
     def start(self) -> None:
         self.cfg.logs.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         with (self.cfg.logs / f"{self.spec.name}.log").open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "index.py"],
@@ -113,6 +136,7 @@ class FunctionProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.kill_orphans()
 
 
 class Provider:
@@ -146,7 +170,6 @@ class Provider:
         return r.status_code, kept, r.content
 
     def start(self) -> None:
-        self.cfg.workdir.mkdir(parents=True, exist_ok=True)
         for fn in self.functions.values():
             fn.prepare()
             fn.start()
@@ -161,6 +184,7 @@ class Provider:
                 if fn.proc is None or fn.proc.poll() is None or now < fn.restart_at:
                     continue
                 if fn.restart_at == 0:  # just noticed
+                    fn.kill_orphans()
                     crashlooping = now - fn.started_at < 10
                     fn.backoff = min(max(fn.backoff * 2, 0.5), 30) if crashlooping else 0
                     fn.restart_at = now + fn.backoff
