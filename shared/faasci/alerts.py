@@ -89,8 +89,8 @@ def _log_tail(run: Run, stage: str) -> str | None:
     if attempt is None or attempt.log_key is None:
         return None
     try:
-        return services.objects().get_bytes(attempt.log_key)[-LOG_TAIL_BYTES:].decode(
-            errors="replace"
+        return (
+            services.objects().get_bytes(attempt.log_key)[-LOG_TAIL_BYTES:].decode(errors="replace")
         )
     except Exception as e:  # the alert matters more than its excerpt
         log.warning("run %s: no log tail for the alert: %s", run.id, e)
