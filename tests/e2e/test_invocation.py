@@ -144,6 +144,6 @@ def test_async_invocation_answers_202_and_calls_back(gateway, sample_repo, callb
 def test_system_functions_lists_the_stack(gateway):
     """/system/functions lists every function of stack.yml, ready, with its annotations."""
     listed = {f["name"]: f for f in gateway.session.get(f"{gateway.url}/system/functions").json()}
-    assert set(listed) == {"webhook", "runs", "pipeline-log", *STAGES}
+    assert set(listed) == {"webhook", "runs", "pipeline-log", "timers", "notifier", *STAGES}
     assert all(f["availableReplicas"] == 1 for f in listed.values())
     assert listed["webhook"]["annotations"]["topic"] == "cron-function"
