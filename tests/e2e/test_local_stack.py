@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,40 @@ def test_a_killed_function_is_restarted(gateway):
     assert now["restarts"] == before["restarts"] + 1
     resp = gateway.call("pipeline-log", method="GET", path="20260101-000000-abcdef/unit/1")
     assert resp.status_code == 404 and resp.json()["error"].startswith("no object")
+
+
+def test_a_run_survives_a_restart_of_the_whole_stack(other_stack, make_repo, tmp_path):
+    """faasci down in the middle of a stage, then up: the queued work and the run record
+    survive, and the run finishes with the stage's commands completed once."""
+    starts, marker = tmp_path / "starts", tmp_path / "marker"
+    repo = make_repo({".faasci.yml": f"""\
+service: restart
+stages:
+  unit:
+    run: ["echo start >> {starts}; sleep 5; echo done >> {marker}"]
+    backoff: {{initial_s: 0.5}}
+  build:
+    run: ["true"]
+"""})  # fmt: skip
+    assert faasci(other_stack, "up").returncode == 0
+    started = faasci(other_stack, "run", str(repo), "--detach", "--json")
+    run_id = json.loads(started.stdout)["id"]
+    deadline = time.monotonic() + 60
+    while not starts.exists():
+        assert time.monotonic() < deadline, "the unit stage did not start"
+        time.sleep(0.2)
+    assert faasci(other_stack, "down").returncode == 0
+    assert faasci(other_stack, "up").returncode == 0
+    done = faasci(other_stack, "show", run_id, "--json")
+    assert json.loads(done.stdout)["status"] in ("running", "queued")
+    other = make_repo({".faasci.yml": "service: other\nstages:\n  lint: {run: [\"true\"]}\n"})
+    assert faasci(other_stack, "run", str(other)).returncode == 0  # new work runs meanwhile
+    deadline = time.monotonic() + 180
+    while (run := json.loads(faasci(other_stack, "show", run_id, "--json").stdout))[
+        "status"
+    ] not in ("passed", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"run still {run['status']}"
+        time.sleep(1)
+    assert run["status"] == "passed"
+    assert marker.read_text().splitlines() == ["done"]
+    assert [a["status"] for a in run["stages"][0]["attempts"]] == ["failed", "passed"]
