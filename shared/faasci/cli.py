@@ -83,6 +83,12 @@ def parser() -> argparse.ArgumentParser:
     c = command("logs", cmd_logs, "print the logs of a run's stages")
     c.add_argument("run")
     c.add_argument("stage", nargs="?")
+    c = command("cache", cmd_cache, "list or purge dependency-cache entries")
+    c.add_argument("action", choices=["ls", "purge"])
+    c.add_argument("--service", help="only this service's entries")
+    c.add_argument("--older-than", type=float, metavar="DAYS", help="purge: unused this long")
+    c.add_argument("--all", action="store_true", help="purge: every entry")
+    c.add_argument("--json", action="store_true")
     c = command("invoke", cmd_invoke, "invoke a function through the gateway, print its answer")
     c.add_argument("function")
     c.add_argument("body", nargs="?", default="", help="request body (JSON)")
@@ -226,6 +232,30 @@ def cmd_logs(args) -> int:
             )
             print(f"==> {stage['name']} attempt {attempt['number']} ({attempt['status']}) <==")
             print(resp.text if resp.ok else f"(log unavailable: HTTP {resp.status_code})")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    gw = gateway()
+    if args.action == "ls":
+        query = {"service": args.service} if args.service else None
+        entries = answer(gw.call("cache-invalidator", method="GET", query=query))["entries"]
+        if args.json:
+            print(json.dumps(entries, indent=2))
+            return 0
+        table = Table("service", "key", "size", "created", "last used")
+        for e in entries:
+            table.add_row(e["service"], e["key"][:12], f"{e['size'] / 1e6:.1f} MB",
+                          e["created"][:19], e["last_used"][:19])  # fmt: skip
+        Console().print(table)
+        return 0
+    body = {"all": args.all}
+    if args.service:
+        body["service"] = args.service
+    if args.older_than is not None:
+        body["older_than_days"] = args.older_than
+    removed = answer(gw.call("cache-invalidator", body, path="purge"))["removed"]
+    print(json.dumps(removed, indent=2) if args.json else f"removed {len(removed)} entries")
     return 0
 
 

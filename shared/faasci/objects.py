@@ -6,6 +6,8 @@ boto3's own chain (an IAM role on a cluster).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import boto3
@@ -50,13 +52,49 @@ class ObjectStore:
                     raise
         self._bucket_ready = True
 
-    def put_file(
-        self, key: str, path: Path, content_type: str = "text/plain; charset=utf-8"
-    ) -> None:
+    def put_file(self, key: str, path: Path, content_type: str = "text/plain; charset=utf-8",
+                 metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+        """Upload a file (in parts when large, never whole in memory). S3 makes the object
+        visible only once complete, so readers never see a partial upload."""
         self.ensure_bucket()
-        self.client.upload_file(
-            str(path), self.bucket, key, ExtraArgs={"ContentType": content_type}
+        extra = {"ContentType": content_type, "Metadata": metadata or {}}
+        self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
+
+    def download(self, key: str, path: Path, chunk: int = 1 << 20) -> tuple[dict, str]:
+        """Stream an object to a file; its metadata and the sha256 of what arrived."""
+        self.ensure_bucket()
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise NotFound(f"no object {key!r}") from None
+            raise
+        digest = hashlib.sha256()
+        with path.open("wb") as out:
+            for block in resp["Body"].iter_chunks(chunk):
+                digest.update(block)
+                out.write(block)
+        return resp.get("Metadata", {}), digest.hexdigest()
+
+    def put_json(self, key: str, value: dict) -> None:
+        self.ensure_bucket()
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(value).encode(),
+                               ContentType="application/json")  # fmt: skip
+
+    def get_json(self, key: str) -> dict:
+        return json.loads(self.get_bytes(key))
+
+    def keys(self, prefix: str) -> list[str]:
+        self.ensure_bucket()
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
         )
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def delete(self, *keys: str) -> None:
+        self.ensure_bucket()
+        for key in keys:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def get_bytes(self, key: str) -> bytes:
         self.ensure_bucket()

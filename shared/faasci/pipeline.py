@@ -60,6 +60,52 @@ class Backoff(BaseModel):
         return round(base * (1 - self.jitter * random.random()), 3)
 
 
+# Files whose contents key a dependency cache when the pipeline file names none.
+DEFAULT_MANIFESTS = {
+    "python": ["requirements*.txt", "pyproject.toml", "setup.py", "setup.cfg", "poetry.lock",
+               "uv.lock", "Pipfile.lock"],
+    "node": ["package.json", "package-lock.json", "npm-shrinkwrap.json", "yarn.lock",
+             "pnpm-lock.yaml"],
+    "go": ["go.mod", "go.sum"],
+    "rust": ["Cargo.toml", "Cargo.lock"],
+}  # fmt: skip
+PROJECT_MARKERS = {
+    "node": {"package.json"},
+    "python": {"pyproject.toml", "setup.py", "setup.cfg", "requirements.txt"},
+    "go": {"go.mod"},
+    "rust": {"Cargo.toml"},
+}
+
+
+def project_type(files: set[str]) -> str | None:
+    return next((kind for kind, markers in PROJECT_MARKERS.items() if files & markers), None)
+
+
+class CacheSpec(BaseModel):
+    """A dependency cache: `setup` fills `paths` (in the service folder, or under `~/`); the
+    archive is keyed by the `manifests`' contents and the runtime."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    setup: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    paths: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    manifests: list[Annotated[str, Field(min_length=1)]] = []  # default: by project type
+
+    @field_validator("setup", "paths", "manifests", mode="before")
+    @classmethod
+    def _one_as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("paths")
+    @classmethod
+    def _inside(cls, paths):
+        for path in paths:
+            rel = path.removeprefix("~/")
+            if rel.startswith("/") or ".." in rel.split("/") or rel in ("", "."):
+                raise ValueError(f"{path!r} must be a folder inside the service or under ~/")
+        return paths
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -70,6 +116,7 @@ class StageSpec(BaseModel):
     # A failing test fails fast; infrastructure trouble and timeouts are worth another try.
     retry_on: list[RetryReason] = ["timeout", "infra"]
     backoff: Backoff = Backoff()
+    cache: bool = True  # restore the pipeline's dependency cache first (when it has one)
 
     @field_validator("run", mode="before")
     @classmethod
@@ -82,6 +129,7 @@ class Pipeline(BaseModel):
 
     service: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     env: dict[str, EnvValue] = {}
+    cache: CacheSpec | None = None
     stages: dict[str, StageSpec] = Field(min_length=1)
 
     @field_validator("env")
@@ -131,9 +179,10 @@ def validate(data: dict) -> Pipeline:
 
 def default(files: set[str], service: str) -> Pipeline:
     """The pipeline for a repository without a pipeline file, from the files at its root."""
-    if "package.json" in files:
+    kind = project_type(files)
+    if kind == "node":
         stages = {"lint": ["npm ci", "npm run lint"], "unit": ["npm ci", "npm test"]}
-    elif files & {"pyproject.toml", "setup.py", "setup.cfg", "requirements.txt"}:
+    elif kind == "python":
         stages = {"lint": ["ruff check ."], "unit": ["python -m pytest -q"]}
     else:
         raise Unprocessable(

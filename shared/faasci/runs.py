@@ -48,6 +48,7 @@ class Attempt(BaseModel):
     log_key: str | None = None  # object key in S3
     worker: str | None = None
     heartbeat_at: datetime | None = None  # the worker is alive while this keeps moving
+    cache: dict | None = None  # what the dependency cache did (faasci.cache.CacheReport)
 
 
 class StageRun(BaseModel):
@@ -179,6 +180,7 @@ def finish(
     error: str | None = None,
     log: str | None = None,
     log_key: str | None = None,
+    cache: dict | None = None,
 ) -> Next:
     """Record the end of an attempt and decide what follows: the next stage, a retry after
     its back-off, or the end of the run."""
@@ -188,7 +190,7 @@ def finish(
         return next_after(run, stage_name, number)
     attempt.status = status
     attempt.exit_code, attempt.reason, attempt.error = exit_code, reason, error
-    attempt.log, attempt.log_key = log, log_key
+    attempt.log, attempt.log_key, attempt.cache = log, log_key, cache
     attempt.finished_at = now()
     attempt.duration_s = _seconds(attempt.started_at, attempt.finished_at)
     if run.finished:  # cancelled meanwhile: record the attempt, start nothing

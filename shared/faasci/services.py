@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 
 from .bus import Bus
+from .cache import DependencyCache
 from .invoke import Gateway
 from .objects import ObjectStore
 from .settings import settings
@@ -27,11 +28,16 @@ def objects() -> ObjectStore:
 
 
 @cache
+def dependency_cache() -> DependencyCache:
+    return DependencyCache(objects())
+
+
+@cache
 def gateway() -> Gateway:
     return Gateway(settings().gateway_url)
 
 
 def reset() -> None:
     """Forget every client (after the settings change)."""
-    for made in (bus, run_store, objects, gateway):
+    for made in (bus, run_store, objects, dependency_cache, gateway):
         made.cache_clear()

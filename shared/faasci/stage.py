@@ -22,7 +22,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from . import git, runs, services, shell, timers
+from . import cache, git, runs, services, shell, timers
 from .invoke import InvocationError
 from .runs import Next, Run
 from .settings import settings
@@ -68,7 +68,9 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     watcher.start()
     try:
         with log_file.open("wb") as out:
-            outcome, reason, error = _run_commands(run, stage, number, workdir, out, watcher)
+            outcome, reason, error, cache_report = _run_commands(
+                run, stage, number, workdir, out, watcher
+            )
         tail = _tail(log_file)
         key, link = log_key(run_id, stage, number), log_link(run_id, stage, number)
         try:
@@ -84,7 +86,8 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     run, following = store.update(
         run_id,
         lambda r: runs.finish(r, stage, number, status=status, exit_code=outcome.exit_code,
-                              reason=reason, error=error, log=link, log_key=key),
+                              reason=reason, error=error, log=link, log_key=key,
+                              cache=cache_report),
         "stage.finished",
     )  # fmt: skip
     hand_on(run_id, following)
@@ -104,6 +107,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         "commands": len(run.pipeline.stages[stage].run),
         "next": following.stage,
         "retry_in_s": following.delay_s if following.stage == stage else None,
+        "cache": cache_report,
         "run_status": run.status,
     }
     if stage in COMMANDS_ONLY:
@@ -149,32 +153,46 @@ class Watcher(threading.Thread):
 
 
 def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher):
-    """Check out and run; returns (outcome, failure reason or None, error line or None)."""
+    """Check out, restore or set up the dependencies, run the commands. Returns (outcome,
+    failure reason or None, error line or None, cache report or None)."""
     spec = run.pipeline.stages[stage]
+    deadline = time.monotonic() + spec.timeout
     checkout = workdir / "src"
     try:
         git.checkout(run.source, run.commit, checkout)
     except git.GitError as e:
         out.write(f"[faas-ci] {e}\n".encode())
-        return shell.Outcome(exit_code=None), "infra", str(e)
+        return shell.Outcome(exit_code=None), "infra", str(e), None
     out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}\n".encode())
-    home = workdir / "home"
+    home, service_dir = workdir / "home", checkout / run.path
     home.mkdir()
+    env = _command_env(run, stage, number, home)
+    report = None
     try:
-        outcome = shell.run_commands(
-            spec.run, checkout / run.path, _command_env(run, stage, number, home), spec.timeout,
-            out, cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
-        )  # fmt: skip
+        outcome = shell.Outcome(exit_code=0)
+        if run.pipeline.cache and spec.cache:
+            key = cache.compute_key(run.service, run.pipeline.cache, service_dir)
+            report, outcome = cache.prepare(
+                services.dependency_cache(), key, run.pipeline.cache, service_dir, home, workdir,
+                env, spec.timeout, out, watcher.stop_commands, workdir / "pgid",
+            )  # fmt: skip
+            report = report.model_dump()
+        if outcome.passed:
+            outcome = shell.run_commands(
+                spec.run, service_dir, env, max(deadline - time.monotonic(), 0), out,
+                cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
+            )  # fmt: skip
     except OSError as e:  # e.g. the service folder is missing at this commit
         out.write(f"[faas-ci] cannot run commands: {e}\n".encode())
-        return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}"
+        return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report
     if outcome.cancelled:
-        return outcome, "cancelled", "cancelled while running"
+        return outcome, "cancelled", "cancelled while running", report
     if outcome.timed_out:
-        return outcome, "timeout", f"timed out after {spec.timeout}s in {outcome.command!r}"
+        return (outcome, "timeout", f"timed out after {spec.timeout}s in {outcome.command!r}",
+                report)  # fmt: skip
     if outcome.exit_code:
-        return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}"
-    return outcome, None, None
+        return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report
+    return outcome, None, None, report
 
 
 def _command_env(run: Run, stage: str, number: int, home: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import UserError
+from .stage import invoke_with_retries
 from .trigger import start_run
 
 ZERO_SHA = "0" * 40
@@ -26,4 +27,19 @@ def on_push(event: dict) -> dict:
         raise UserError("push event after must be a 40-character commit sha", field="after")
     name = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
     run = start_run(url, name, trigger="push", commit=after)
+    changed = changed_paths(event)
+    if changed:  # the cache-invalidator decides whether a manifest is among them
+        invoke_with_retries("cache-invalidator",
+                            {"repo": url, "commit": run.commit, "changed": changed},
+                            f"{run.id}.invalidate")  # fmt: skip
     return {"statusCode": 202, "body": {"run_id": run.id, "commit": run.commit, "ref": run.ref}}
+
+
+def changed_paths(event: dict) -> list[str]:
+    """Every path the push's commits added, modified or removed."""
+    paths = set()
+    for commit in event.get("commits") or []:
+        if isinstance(commit, dict):
+            for kind in ("added", "modified", "removed"):
+                paths.update(p for p in commit.get(kind) or [] if isinstance(p, str))
+    return sorted(paths)

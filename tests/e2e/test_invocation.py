@@ -118,7 +118,7 @@ def test_cron_schedule_from_the_annotations_fires(stack, gateway):
     """The scheduler reads stack.yml's annotations and, when due, invokes in cron form."""
     schedules = {n: f.schedule for n, f in stack_file.load(ROOT / "stack.yml").functions.items()
                  if f.schedule}  # fmt: skip
-    assert schedules == {"webhook": "0 2 * * *"}
+    assert schedules == {"webhook": "0 2 * * *", "cache-invalidator": "30 3 * * *"}
     clock = [datetime(2026, 1, 1, 1, 59, tzinfo=UTC)]
     fired = []
     scheduler = Scheduler(schedules, fired.append, now=lambda: clock[0])
@@ -144,6 +144,7 @@ def test_async_invocation_answers_202_and_calls_back(gateway, sample_repo, callb
 def test_system_functions_lists_the_stack(gateway):
     """/system/functions lists every function of stack.yml, ready, with its annotations."""
     listed = {f["name"]: f for f in gateway.session.get(f"{gateway.url}/system/functions").json()}
-    assert set(listed) == {"webhook", "runs", "pipeline-log", "timers", "notifier", *STAGES}
+    assert set(listed) == {"webhook", "runs", "pipeline-log", "timers", "notifier",
+                           "cache-invalidator", *STAGES}  # fmt: skip
     assert all(f["availableReplicas"] == 1 for f in listed.values())
     assert listed["webhook"]["annotations"]["topic"] == "cron-function"

@@ -152,7 +152,7 @@ stages:
     assert faasci(other_stack, "up").returncode == 0
     done = faasci(other_stack, "show", run_id, "--json")
     assert json.loads(done.stdout)["status"] in ("running", "queued")
-    other = make_repo({".faasci.yml": "service: other\nstages:\n  lint: {run: [\"true\"]}\n"})
+    other = make_repo({".faasci.yml": 'service: other\nstages:\n  lint: {run: ["true"]}\n'})
     assert faasci(other_stack, "run", str(other)).returncode == 0  # new work runs meanwhile
     deadline = time.monotonic() + 180
     while (run := json.loads(faasci(other_stack, "show", run_id, "--json").stdout))[

@@ -69,11 +69,11 @@ def test_run_as_a_single_string_becomes_a_one_command_list():
 
 def test_unknown_extra_keys_are_kept():
     """Unknown keys at the top and in a stage survive parsing and dumping."""
-    text = "notify: {slack: '#ci'}\nstages:\n  unit:\n    run: [pytest]\n    cache: [.venv]\n"
+    text = "notify: {slack: '#ci'}\nstages:\n  unit:\n    run: [pytest]\n    artifacts: [dist]\n"
     p = pipeline.parse(text, "svc")
     dumped = p.model_dump()
     assert dumped["notify"] == {"slack": "#ci"}
-    assert dumped["stages"]["unit"]["cache"] == [".venv"]
+    assert dumped["stages"]["unit"]["artifacts"] == ["dist"]
     assert p.stages["unit"].run == ["pytest"]
 
 

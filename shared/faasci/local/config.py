@@ -3,8 +3,10 @@ variables, so tests run a second stack beside a developer's."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -72,7 +74,10 @@ class LocalConfig:
 
     @property
     def workdir(self) -> Path:
-        return self.home / "work"
+        """Scratch space of the functions (checkouts, unpacked caches): the machine's temp
+        folder, like a container's ephemeral disk, as it is not data worth keeping."""
+        tag = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"faasci-work-{tag}"
 
     def env(self) -> dict[str, str]:
         """The environment that points a process (the gateway, the CLI) at this stack."""
