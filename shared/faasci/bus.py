@@ -19,23 +19,20 @@ from typing import Any, TypeVar
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, BucketNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
 log = logging.getLogger("faasci.bus")
 
-# Errors after which the same call may well succeed: NATS restarting or JetStream not yet
-# ready. (nats-py's TimeoutError is also the builtin TimeoutError.)
-TRANSIENT = (
-    TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
-    ServiceUnavailableError,
-)
+
+def transient(error: BaseException) -> bool:
+    """May the same call succeed a little later? True for everything a restarting NATS
+    server or a JetStream not yet ready raises (timeouts, EOFs, no responders, refused
+    connections); false for JetStream's answers about the request itself."""
+    if isinstance(error, APIError):
+        return isinstance(error, ServiceUnavailableError)
+    return isinstance(error, nats.errors.Error | OSError)  # TimeoutError is an OSError
 
 
 class Bus:
@@ -58,8 +55,8 @@ class Bus:
         while True:
             try:
                 return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(timeout)
-            except TRANSIENT as e:
-                if time.monotonic() + wait > deadline:
+            except Exception as e:
+                if not transient(e) or time.monotonic() + wait > deadline:
                     raise
                 log.warning("NATS: %s; trying again in %.1fs", type(e).__name__, wait)
                 time.sleep(wait)
