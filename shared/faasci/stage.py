@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -53,8 +54,11 @@ def log_link(run_id: str, stage: str, attempt: int) -> str:
 def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     """Run one attempt of `stage`; Conflict when it is not this caller's to run."""
     store = services.run_store()
+    # Unique per execution: a claim written twice (after an ambiguous NATS write) is ours,
+    # while a duplicate delivery reaching this same process is not.
+    worker = f"{WORKER}/{secrets.token_hex(4)}"
     run, taken = store.update(
-        run_id, lambda r: runs.claim(r, stage, attempt, WORKER), "stage.started"
+        run_id, lambda r: runs.claim(r, stage, attempt, worker), "stage.started"
     )
     number = taken.number
     log.info("run %s: %s attempt %d started", run_id, stage, number)
