@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import nats
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import APIError, BucketNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
@@ -107,6 +107,52 @@ class Bus:
         js = await self.js()
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         await js.publish(subject, json.dumps(payload).encode(), headers=headers)
+
+    async def consume(
+        self,
+        stream: str,
+        subjects: list[str],
+        durable: str,
+        handle: Callable[[Any], Awaitable[None]],
+        *,
+        ack_wait: float,
+        max_deliver: int,
+        concurrency: int,
+        **stream_config: Any,
+    ) -> None:
+        """Work through a stream with a durable pull consumer, at most `concurrency` messages
+        at a time, for ever: every replica that runs this shares the work. `handle` acks,
+        naks or terminates each message itself. A NATS restart is waited out."""
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(msg) -> None:
+            try:
+                await handle(msg)
+            except Exception:
+                log.exception("%s: a message failed; it will be delivered again", durable)
+            finally:
+                slots.release()
+
+        while True:
+            try:
+                await self.ensure_stream(stream, subjects, **stream_config)
+                sub = await (await self.js()).pull_subscribe(
+                    subjects[0], durable=durable, stream=stream,
+                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                                          max_deliver=max_deliver, max_ack_pending=10_000),
+                )  # fmt: skip
+                while True:
+                    await slots.acquire()
+                    try:
+                        msgs = await sub.fetch(1, timeout=5)
+                    except Exception:  # nothing waiting (a timeout), or NATS restarting
+                        slots.release()
+                        continue
+                    for msg in msgs:
+                        asyncio.create_task(one(msg))
+            except Exception as e:  # NATS away: subscribe again once it is back
+                log.warning("%s: %s; subscribing again", durable, e)
+                await asyncio.sleep(1)
 
     def close(self) -> None:
         """Stop whatever runs on the loop (workers), close the connection, stop the loop."""

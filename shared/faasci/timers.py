@@ -16,8 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from nats.js.api import AckPolicy, ConsumerConfig
-
 from .bus import Bus
 
 log = logging.getLogger("faasci.timers")
@@ -52,49 +50,28 @@ class TimerWorker:
         self.fired = 0
 
     async def run(self) -> None:
-        slots = asyncio.Semaphore(self.concurrency)
-        while True:
-            try:
-                await ensure_stream(self.bus)
-                js = await self.bus.js()
-                sub = await js.pull_subscribe(
-                    f"{SUBJECT}.>", durable=DURABLE, stream=STREAM,
-                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
-                                          max_deliver=-1, max_ack_pending=10_000),
-                )  # fmt: skip
-                while True:
-                    await slots.acquire()
-                    try:
-                        msgs = await sub.fetch(1, timeout=5)
-                    except Exception:  # nothing due (timeout) or NATS restarting
-                        slots.release()
-                        continue
-                    for msg in msgs:
-                        asyncio.create_task(self._handle(msg, slots))
-            except Exception as e:  # NATS away: subscribe again once it is back
-                log.warning("timer worker: %s; retrying", e)
-                await asyncio.sleep(1)
+        await self.bus.consume(STREAM, [f"{SUBJECT}.>"], DURABLE, self._handle, ack_wait=60,
+                               max_deliver=-1, concurrency=self.concurrency,
+                               duplicate_window=600)  # fmt: skip
 
-    async def _handle(self, msg, slots: asyncio.Semaphore) -> None:
+    async def _handle(self, msg) -> None:
+        timer = json.loads(msg.data)
+        wait = timer["due"] - time.time()
+        if wait > 0:
+            await msg.nak(delay=wait)
+            return
+        handler = self.handlers.get(timer["kind"])
+        if handler is None:
+            log.error("timer of unknown kind %r dropped", timer["kind"])
+            await msg.term()
+            return
         try:
-            timer = json.loads(msg.data)
-            wait = timer["due"] - time.time()
-            if wait > 0:
-                await msg.nak(delay=wait)
-                return
-            handler = self.handlers.get(timer["kind"])
-            if handler is None:
-                log.error("timer of unknown kind %r dropped", timer["kind"])
-                await msg.term()
-                return
             again = await asyncio.to_thread(handler, timer)
-            self.fired += 1
-            if again is None:
-                await msg.ack()
-            else:  # keep the timer, look again later
-                await msg.nak(delay=again)
         except Exception:
-            log.exception("timer failed; it will be delivered again")
-            await msg.nak(delay=5)
-        finally:
-            slots.release()
+            log.exception("%s timer failed; trying again in 5s", timer["kind"])
+            again = 5
+        self.fired += 1
+        if again is None:
+            await msg.ack()
+        else:  # keep the timer, look again later
+            await msg.nak(delay=again)

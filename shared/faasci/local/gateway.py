@@ -180,6 +180,7 @@ def main() -> None:
     provider = Provider(cfg, stack)
     bus = Bus(cfg.nats_url, name="faasci-gateway")
     app = create_app(provider, bus)
+    bus.call(queue.ensure_queue, bus, patience=60)  # async requests can be taken from the start
     provider.start()
 
     worker = queue.QueueWorker(

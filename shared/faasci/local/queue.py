@@ -18,7 +18,6 @@ import logging
 import time
 
 import requests
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from ..bus import Bus
 
@@ -29,6 +28,7 @@ DURABLE = "faas-queue-worker"
 ACK_WAIT_S = 30
 MAX_DELIVER = 20
 HEARTBEAT_S = 10
+STREAM_CONFIG = {"duplicate_window": 600}  # a repeated call id within 10 minutes is dropped
 
 
 def request_message(
@@ -60,7 +60,7 @@ async def enqueue(bus: Bus, message: dict) -> None:
 
 
 async def ensure_queue(bus: Bus) -> None:
-    await bus.ensure_stream(STREAM, [f"{STREAM}.>"], duplicate_window=600)
+    await bus.ensure_stream(STREAM, [f"{STREAM}.>"], **STREAM_CONFIG)
 
 
 class QueueWorker:
@@ -71,55 +71,25 @@ class QueueWorker:
         self.session = requests.Session()
 
     async def run(self) -> None:
-        slots = asyncio.Semaphore(self.concurrency)
-        while True:
-            try:
-                await ensure_queue(self.bus)
-                js = await self.bus.js()
-                sub = await js.pull_subscribe(
-                    f"{STREAM}.>",
-                    durable=DURABLE,
-                    stream=STREAM,
-                    config=ConsumerConfig(
-                        ack_policy=AckPolicy.EXPLICIT,
-                        ack_wait=ACK_WAIT_S,
-                        max_deliver=MAX_DELIVER,
-                        max_ack_pending=10_000,
-                    ),
-                )
-                while True:
-                    await slots.acquire()
-                    try:
-                        msgs = await sub.fetch(1, timeout=5)
-                    except Exception:  # nothing queued (timeout) or NATS restarting
-                        slots.release()
-                        continue
-                    for msg in msgs:
-                        asyncio.create_task(self._handle(msg, slots))
-            except Exception as e:  # NATS away: subscribe again once it is back
-                log.warning("queue worker: %s; retrying", e)
-                await asyncio.sleep(1)
+        await self.bus.consume(STREAM, [f"{STREAM}.>"], DURABLE, self._handle,
+                               ack_wait=ACK_WAIT_S, max_deliver=MAX_DELIVER,
+                               concurrency=self.concurrency, **STREAM_CONFIG)  # fmt: skip
 
-    async def _handle(self, msg, slots: asyncio.Semaphore) -> None:
+    async def _handle(self, msg) -> None:
+        message = json.loads(msg.data)
+        heartbeat = asyncio.create_task(self._keep_in_progress(msg))
         try:
-            message = json.loads(msg.data)
-            heartbeat = asyncio.create_task(self._keep_in_progress(msg))
-            try:
-                status, headers, body = await asyncio.to_thread(self._invoke, message)
-            except ConnectionError as e:
-                if msg.metadata.num_delivered < MAX_DELIVER:
-                    log.warning("%s unreachable (%s); redelivering", message["function"], e)
-                    await msg.nak(delay=2)
-                    return
-                status, headers, body = 503, {}, json.dumps({"error": str(e)}).encode()
-            finally:
-                heartbeat.cancel()
-            await asyncio.to_thread(self._callback, message, status, headers, body)
-            await msg.ack()
-        except Exception:
-            log.exception("queue worker: message failed")
+            status, headers, body = await asyncio.to_thread(self._invoke, message)
+        except ConnectionError as e:
+            if msg.metadata.num_delivered < MAX_DELIVER:
+                log.warning("%s unreachable (%s); redelivering", message["function"], e)
+                await msg.nak(delay=2)
+                return
+            status, headers, body = 503, {}, json.dumps({"error": str(e)}).encode()
         finally:
-            slots.release()
+            heartbeat.cancel()
+        await asyncio.to_thread(self._callback, message, status, headers, body)
+        await msg.ack()
 
     def _invoke(self, message: dict) -> tuple[int, dict, bytes]:
         headers = {
