@@ -80,8 +80,9 @@ class Bus:
         return self._nc
 
     async def js(self) -> JetStreamContext:
-        # Long enough to ride out a NATS restart: requests made meanwhile are sent on reconnect.
-        return (await self.nc()).jetstream(timeout=30)
+        # Short: a request whose reply was lost when NATS went away is given up quickly and
+        # sent again by `call`'s patience, instead of blocking a heartbeat past its lease.
+        return (await self.nc()).jetstream(timeout=5)
 
     async def bucket(self, name: str) -> KeyValue:
         """The key-value bucket, created with file storage on first use."""

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .errors import Conflict
+from .errors import Conflict, NotFound
 from .pipeline import Pipeline
 
 RunStatus = Literal["queued", "running", "passed", "failed", "cancelled"]
@@ -99,7 +99,7 @@ class Run(BaseModel):
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise Conflict(f"run {self.id} has no stage {name!r}", field="stage")
+        raise NotFound(f"run {self.id} has no stage {name!r}", field="stage")
 
     def stage_after(self, name: str) -> StageRun | None:
         names = [s.name for s in self.stages]

@@ -7,7 +7,7 @@ import pytest
 
 from faasci import pipeline, runs
 from faasci.api import RUN_ID_RE
-from faasci.errors import Conflict, Unprocessable
+from faasci.errors import Conflict, NotFound, Unprocessable
 
 PIPELINE = """\
 service: inventory
@@ -92,9 +92,9 @@ def test_claim_of_a_pending_stage_conflicts(run):
         runs.claim(run, "unit", 1, "w")
 
 
-def test_claim_of_an_unknown_stage_conflicts(run):
-    """A stage the run does not have is a Conflict naming `stage`."""
-    with pytest.raises(Conflict) as caught:
+def test_claim_of_an_unknown_stage_is_not_found(run):
+    """A stage the run does not have is NotFound (404) naming `stage`."""
+    with pytest.raises(NotFound) as caught:
         runs.claim(run, "deploy", 1, "w")
     assert caught.value.field == "stage"
 
