@@ -53,9 +53,7 @@ def check(repo: str, ref: str | None, changed: list[str] | None = None) -> dict:
     s.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=s.workdir, prefix="invalidate-") as scratch:
         resolved = git.resolve(repo, ref, s.snapshots, scratch=Path(scratch))
-        spec = (pipeline.parse(resolved.pipeline_text, resolved.name)
-                if resolved.pipeline_text is not None
-                else pipeline.default(resolved.files, resolved.name))  # fmt: skip
+        spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name)
         if spec.cache is None:
             return {"repo": repo, "service": spec.service, "removed": [], "reason": "no cache"}
         checkout = Path(scratch) / "src"
@@ -102,10 +100,9 @@ def purge(body: dict) -> dict:
 def scheduled() -> dict:
     """The nightly round: check every configured repository, then apply retention."""
     checked = []
-    for entry in settings().scheduled_repos:
-        repo, _, ref = entry.partition("#")
+    for repo, ref in settings().scheduled():
         try:
-            checked.append(check(repo, ref or None))
+            checked.append(check(repo, ref))
         except Exception as e:  # one broken repository must not stop the round
             checked.append({"repo": repo, "error": str(e)})
     expired = purge({"older_than_days": retention_days()})["removed"]

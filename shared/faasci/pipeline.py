@@ -177,6 +177,11 @@ def validate(data: dict) -> Pipeline:
         raise Unprocessable(f"{FILENAME}: {field}: {first['msg']}", field=field) from None
 
 
+def load(text: str | None, files: set[str], service: str) -> Pipeline:
+    """A repository's pipeline: its pipeline file when it has one, else the default."""
+    return parse(text, service) if text is not None else default(files, service)
+
+
 def default(files: set[str], service: str) -> Pipeline:
     """The pipeline for a repository without a pipeline file, from the files at its root."""
     kind = project_type(files)

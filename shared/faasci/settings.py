@@ -52,6 +52,11 @@ class Settings:
     def snapshots(self) -> Path:
         return self.snapshots_dir or self.workdir / "snapshots.git"
 
+    def scheduled(self) -> list[tuple[str, str | None]]:
+        """The scheduled repositories as (repo, ref or None)."""
+        return [(repo, ref or None) for repo, _, ref in
+                (entry.partition("#") for entry in self.scheduled_repos)]  # fmt: skip
+
     def secret(self, name: str) -> str | None:
         """The secret's value, whitespace trimmed; None when it is not mounted."""
         try:

@@ -33,11 +33,7 @@ def start_run(
     s.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=s.workdir, prefix="resolve-") as scratch:
         resolved = git.resolve(repo, commit or ref, s.snapshots, scratch=Path(scratch))
-    spec = (
-        pipeline.parse(resolved.pipeline_text, resolved.name)
-        if resolved.pipeline_text is not None
-        else pipeline.default(resolved.files, resolved.name)
-    )
+    spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name)
     if only and only not in spec.stages:
         raise Unprocessable(f"the pipeline of {repo} has no stage {only!r}", field="stage")
     run = new_run(
@@ -62,10 +58,9 @@ def scheduled(only: str | None = None) -> dict:
     """What a cron-connector request starts: one run per configured repository
     (SCHEDULED_REPOS, entries `<repo>` or `<repo>#<ref>`)."""
     started, failed = [], []
-    for entry in settings().scheduled_repos:
-        repo, _, ref = entry.partition("#")
+    for repo, ref in settings().scheduled():
         try:
-            started.append(start_run(repo, ref or None, trigger="cron", only=only).id)
+            started.append(start_run(repo, ref, trigger="cron", only=only).id)
         except Exception as e:  # one bad entry must not stop the others
             log.warning("scheduled run of %s failed to start: %s", repo, e)
             failed.append({"repo": repo, "error": str(e)})
