@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import requests
 
@@ -58,12 +57,6 @@ def write_s3_identities(cfg: LocalConfig, access_key: str, secret_key: str) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(identities))
     os.chmod(path, 0o600)
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def nats_ready(cfg: LocalConfig) -> bool:
