@@ -44,6 +44,7 @@ class Bus:
         self._thread.start()
         self._nc: nats.NATS | None = None
         self._buckets: dict[str, KeyValue] = {}
+        self._streams: set[str] = set()
         self._connect_lock = asyncio.Lock()
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = 60,
@@ -97,12 +98,15 @@ class Bus:
         return self._buckets[name]
 
     async def ensure_stream(self, name: str, subjects: list[str], **config: Any) -> None:
-        """Create the stream when it is missing (every replica may race to do so: adding an
-        identical stream is a no-op)."""
+        """Create the stream when it is missing, once per process (every replica may race
+        to do so: adding an identical stream is a no-op)."""
+        if name in self._streams:
+            return
         js = await self.js()
         await js.add_stream(
             StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, **config)
         )
+        self._streams.add(name)
 
     async def publish_json(self, subject: str, payload: dict, msg_id: str | None = None) -> None:
         js = await self.js()

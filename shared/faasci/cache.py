@@ -64,11 +64,16 @@ class CacheKey:
 
     @property
     def archive(self) -> str:
-        return f"{PREFIX}/{self.service}/{self.value}.tar.gz"
+        return object_name(self.service, self.value, "tar.gz")
 
     @property
     def entry(self) -> str:
-        return f"{PREFIX}/{self.service}/{self.value}.json"
+        return object_name(self.service, self.value, "json")
+
+
+def object_name(service: str, key: str, suffix: str) -> str:
+    """Where a cache's archive ("tar.gz") or its entry ("json") lives in S3."""
+    return f"{PREFIX}/{service}/{key}.{suffix}"
 
 
 def runtime(kind: str | None) -> dict[str, str]:
@@ -90,10 +95,13 @@ def _os_release() -> str:
         return platform.system().lower()
 
 
+def project_kind(service_dir: Path) -> str | None:
+    return project_type({p.name for p in service_dir.iterdir()} if service_dir.is_dir() else set())
+
+
 def manifest_patterns(spec: CacheSpec, service_dir: Path) -> list[str]:
     """The pipeline's manifests, or the defaults of the project's type."""
-    files = {p.name for p in service_dir.iterdir()} if service_dir.is_dir() else set()
-    return spec.manifests or DEFAULT_MANIFESTS.get(project_type(files) or "", [])
+    return spec.manifests or DEFAULT_MANIFESTS.get(project_kind(service_dir) or "", [])
 
 
 def manifest_paths(spec: CacheSpec, service_dir: Path) -> list[str]:
@@ -113,8 +121,7 @@ def compute_key(service: str, spec: CacheSpec, service_dir: Path) -> CacheKey:
         path: hashlib.sha256((service_dir / path).read_bytes()).hexdigest()
         for path in manifest_paths(spec, service_dir)
     }
-    files = {p.name for p in service_dir.iterdir()} if service_dir.is_dir() else set()
-    facts = runtime(project_type(files))
+    facts = runtime(project_kind(service_dir))
     basis = json.dumps({"manifests": manifests, "runtime": facts, "setup": spec.setup,
                         "paths": spec.paths}, sort_keys=True)  # fmt: skip
     return CacheKey(service, hashlib.sha256(basis.encode()).hexdigest()[:32], manifests, facts)
@@ -248,7 +255,7 @@ class DependencyCache:
         return sorted(found, key=lambda e: (e["service"], e["created"]))
 
     def remove(self, entry: dict) -> None:
-        self.objects.delete(entry["archive"], f"{PREFIX}/{entry['service']}/{entry['key']}.json")
+        self.objects.delete(entry["archive"], object_name(entry["service"], entry["key"], "json"))
 
     def stale(self, service: str, current: str) -> list[dict]:
         """A service's entries whose key is not the current one."""

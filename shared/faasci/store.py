@@ -34,14 +34,9 @@ EVENTS_SUBJECT = "faasci.events"  # faasci.events.<run id>
 class RunStore:
     def __init__(self, bus: Bus):
         self.bus = bus
-        self._ready = False
 
     async def _kv(self):
-        if not self._ready:
-            await self.bus.ensure_stream(
-                EVENTS_STREAM, [f"{EVENTS_SUBJECT}.>"], max_age=7 * 24 * 3600
-            )
-            self._ready = True
+        await self.bus.ensure_stream(EVENTS_STREAM, [f"{EVENTS_SUBJECT}.>"], max_age=7 * 24 * 3600)
         return await self.bus.bucket(BUCKET)
 
     def create(self, run: Run) -> Run:

@@ -29,8 +29,11 @@ DURABLE = "faasci-timers"
 Handler = Callable[[dict], float | None]
 
 
+STREAM_CONFIG = {"duplicate_window": 600}  # a timer id repeated within 10 minutes is dropped
+
+
 async def ensure_stream(bus: Bus) -> None:
-    await bus.ensure_stream(STREAM, [f"{SUBJECT}.>"], duplicate_window=600)
+    await bus.ensure_stream(STREAM, [f"{SUBJECT}.>"], **STREAM_CONFIG)
 
 
 def schedule(bus: Bus, kind: str, payload: dict, delay_s: float, timer_id: str) -> None:
@@ -52,7 +55,7 @@ class TimerWorker:
     async def run(self) -> None:
         await self.bus.consume(STREAM, [f"{SUBJECT}.>"], DURABLE, self._handle, ack_wait=60,
                                max_deliver=-1, concurrency=self.concurrency,
-                               duplicate_window=600)  # fmt: skip
+                               **STREAM_CONFIG)  # fmt: skip
 
     async def _handle(self, msg) -> None:
         timer = json.loads(msg.data)
