@@ -86,13 +86,23 @@ def sample_repo(tmp_path) -> Path:
     return repo
 
 
+# FAASCI_TEST_PORT_OFFSET moves every port (and the test stack's folder) a test session
+# uses, so two sessions can run side by side on one machine.
+PORT_OFFSET = int(os.environ.get("FAASCI_TEST_PORT_OFFSET", "0"))
+
+
+def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
+    """The environment placing a stack's gateway, NATS and S3 on these ports (plus the offset)."""
+    return {
+        "OPENFAAS_URL": f"http://127.0.0.1:{gateway + PORT_OFFSET}",
+        "FAASCI_NATS_PORT": str(nats + PORT_OFFSET),
+        "FAASCI_S3_PORT": str(s3 + PORT_OFFSET),
+    }
+
+
 # Ports of the test stack: NATS 24222 (monitor 28222), S3 28333 (SeaweedFS 28334-28346),
 # gateway 28080 with the functions on 28081 and up.
-TEST_STACK_ENV = {
-    "OPENFAAS_URL": "http://127.0.0.1:28080",
-    "FAASCI_NATS_PORT": "24222",
-    "FAASCI_S3_PORT": "28333",
-}
+TEST_STACK_ENV = stack_ports(28080, 24222, 28333)
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +131,7 @@ def stack(scheduled_repo, slack):
     from faasci.local import control
     from faasci.local.config import LocalConfig
 
-    home = ROOT / ".faasci" / "test"
+    home = ROOT / ".faasci" / f"test{PORT_OFFSET or ''}"
     env = {
         **TEST_STACK_ENV,
         "FAASCI_STACK": str(ROOT / "stack.yml"),

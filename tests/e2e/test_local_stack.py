@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT
+from conftest import PORT_OFFSET, ROOT, stack_ports
 
 from faasci.local import processes
 from faasci.local.config import LocalConfig
 
 FAASCI = str(Path(sys.executable).parent / "faasci")
-OTHER_STACK = {"OPENFAAS_URL": "http://127.0.0.1:29080", "FAASCI_NATS_PORT": "25222",
-               "FAASCI_S3_PORT": "29333"}  # fmt: skip
+OTHER_STACK = stack_ports(29080, 25222, 29333)
+OTHER_GATEWAY = OTHER_STACK["OPENFAAS_URL"]
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
     assert again.returncode == 0 and "already up" in again.stderr
 
     home = Path(other_stack["FAASCI_HOME"])
-    functions = requests.get("http://127.0.0.1:29080/system/functions", timeout=5).json()
+    functions = requests.get(f"{OTHER_GATEWAY}/system/functions", timeout=5).json()
     pids = [processes.pid_of(home / "run", n) for n in ("gateway", "s3", "nats")]
     pids += [f["pid"] for f in functions]
     assert all(pids) and len(pids) == 3 + len(functions)
@@ -63,7 +63,7 @@ def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
     assert down.returncode == 0 and "gateway" in down.stderr
     survivors = [pid for pid in pids if processes.alive(pid)]
     assert survivors == [], "processes survived faasci down"
-    assert not any(listening(p) for p in (29080, 29081, 29333, 25222 + 4000))
+    assert not any(listening(p + PORT_OFFSET) for p in (29080, 29081, 29333, 25222 + 4000))
     assert faasci(other_stack, "down").stderr.strip() == "faas-ci was not running"
 
     assert faasci(other_stack, "up").returncode == 0
