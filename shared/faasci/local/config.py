@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -97,3 +98,16 @@ def tool(name: str) -> str:
     if not path.exists():
         raise SystemExit(f"{name} is not installed in {path.parent}; run ./scripts/install")
     return str(path)
+
+
+def openfaas_tool(name: str) -> str | None:
+    """A real OpenFaaS program (faas-cli, of-watchdog, cron-connector): from OPENFAAS_BIN
+    (default: ../shared/openfaas/bin beside this checkout), else from PATH; None when absent.
+    The local stack runs without them; the tests always have them."""
+    folder = os.environ.get("OPENFAAS_BIN") or str(
+        Path(__file__).resolve().parents[4] / "shared" / "openfaas" / "bin"
+    )
+    path = Path(folder) / name
+    if path.is_file() and os.access(path, os.X_OK):
+        return str(path)
+    return shutil.which(name)
