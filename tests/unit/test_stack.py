@@ -16,11 +16,13 @@ def raw() -> dict:
     return yaml.safe_load(STACK.read_text())
 
 
-@pytest.fixture(scope="module")
-def shared_env() -> dict[str, str]:
-    """functions/env.yml's environment, read as plain YAML as faas-cli reads it."""
-    data = yaml.safe_load((ROOT / "functions" / "env.yml").read_text())
-    return {k: str(v) for k, v in data["environment"].items()}
+# The local stack's addresses: stack.yml's defaults when faas-cli's environment sets none.
+LOCAL_DEFAULTS = {
+    "GATEWAY_URL": "http://127.0.0.1:8080",
+    "PUBLIC_URL": "http://127.0.0.1:8080",
+    "NATS_URL": "nats://127.0.0.1:4222",
+    "S3_ENDPOINT": "http://127.0.0.1:8333",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def test_every_handler_folder_exists(loaded):
 
 
 def test_images_use_their_defaults_without_variables(loaded):
-    """With no REGISTRY or TAG set, images take the defaults in stack.yml."""
-    assert loaded.functions["webhook"].image == "ghcr.io/faas-ci/webhook:0.1.0"
-    assert loaded.functions["unit"].image == "ghcr.io/faas-ci/unit:0.1.0"
+    """With no REGISTRY or TAG set, images name the local registry."""
+    assert loaded.functions["webhook"].image == "localhost:5000/faasci/webhook:0.1.0"
+    assert loaded.functions["unit"].image == "localhost:5000/faasci/unit:0.1.0"
 
 
 def test_images_use_the_variables_when_set():
@@ -59,28 +61,60 @@ def test_images_use_the_variables_when_set():
         assert fn.image == f"registry.local:5000/ci/{name}:dev"
 
 
-def test_shared_environment_reaches_every_function(loaded, raw, shared_env):
-    """Every function gets all of functions/env.yml next to its own environment."""
+def test_every_function_gets_the_local_addresses_by_default(loaded):
+    """Without variables, every function points at the local stack's servers."""
     for name, fn in loaded.functions.items():
-        assert "functions/env.yml" in raw["functions"][name]["environment_file"]
-        for key, value in shared_env.items():
+        for key, value in LOCAL_DEFAULTS.items():
             assert fn.environment[key] == value, (name, key)
-    assert loaded.functions["unit"].environment["NATS_URL"] == "nats://nats.openfaas:4222"
+        assert fn.environment["S3_BUCKET"] == "faasci"
 
 
-def test_no_function_repeats_a_shared_key(raw, shared_env):
-    """No function sets a key of functions/env.yml itself: faas-cli would ignore its value."""
-    for name, spec in raw["functions"].items():
-        repeated = set(spec.get("environment") or {}) & set(shared_env)
-        assert not repeated, f"{name} repeats {sorted(repeated)} from functions/env.yml"
+def test_a_cluster_sets_every_address_through_the_environment():
+    """PUBLIC_URL, NATS_URL, S3_ENDPOINT, GATEWAY_URL and REGISTRY come from faas-cli's env."""
+    cluster = {
+        "GATEWAY_URL": "http://gateway.openfaas:8080",
+        "PUBLIC_URL": "https://ci.example.com",
+        "NATS_URL": "nats://nats.openfaas:4222",
+        "S3_ENDPOINT": "https://s3.example.com",
+    }
+    loaded = stack.load(STACK, env={**cluster, "REGISTRY": "reg.example.com/ci"})
+    for name, fn in loaded.functions.items():
+        assert {k: fn.environment[k] for k in cluster} == cluster, name
+        assert fn.image.startswith("reg.example.com/ci/"), name
 
 
 def test_function_environment_is_added_to_the_shared_one(loaded):
     """The webhook's own SCHEDULED_REPOS sits next to the shared settings."""
     env = loaded.functions["webhook"].environment
     assert env["SCHEDULED_REPOS"] == ""
-    assert env["GATEWAY_URL"] == "http://gateway.openfaas:8080"
+    assert env["NATS_URL"] == LOCAL_DEFAULTS["NATS_URL"]
     assert "SCHEDULED_REPOS" not in loaded.functions["unit"].environment
+
+
+def seconds(duration: str) -> float:
+    """A Go duration of the forms stack.yml uses (6h15m, 5m, 30s) in seconds."""
+    import re
+
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+)([hms])", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_every_function_has_watchdog_limits_sized_for_its_work(loaded):
+    """exec/read/write timeouts and max_inflight everywhere; a stage outlasts its longest
+    allowed pipeline timeout, and no answer is cut by write_timeout before exec_timeout."""
+    from faasci.pipeline import StageSpec
+
+    longest_stage = StageSpec.model_fields["timeout"].metadata
+    limit = next(m.le for m in longest_stage if hasattr(m, "le"))
+    for name, fn in loaded.functions.items():
+        env = fn.environment
+        assert int(env["max_inflight"]) >= 1, name
+        assert seconds(env["write_timeout"]) >= seconds(env["exec_timeout"]), name
+        assert seconds(env["read_timeout"]) >= 10, name
+    for name in STAGES:
+        assert seconds(loaded.functions[name].environment["exec_timeout"]) > limit, name
 
 
 def test_variables_reach_the_function_environment():
@@ -162,4 +196,4 @@ def test_load_reads_the_process_environment_by_default(monkeypatch):
     monkeypatch.setenv("TAG", "from-os-environ")
     monkeypatch.delenv("REGISTRY", raising=False)
     loaded = stack.load(STACK)
-    assert loaded.functions["runs"].image == "ghcr.io/faas-ci/runs:from-os-environ"
+    assert loaded.functions["runs"].image == "localhost:5000/faasci/runs:from-os-environ"
