@@ -5,8 +5,9 @@ X-Function-Status and X-Function-Name.
 
 Unlike the community queue-worker, several invocations run at once (a stage holds its
 invocation for minutes), the message is kept in progress while the function works, and
-a function that is down (restarting) gets the request again a little later instead of
-losing it. The stream uses file storage, so queued requests survive a restart.
+a function that is down (restarting) or busy (429: of-watchdog's max_inflight) gets the
+request again a little later instead of losing it. The stream uses file storage, so
+queued requests survive a restart.
 """
 
 from __future__ import annotations
@@ -80,14 +81,16 @@ class QueueWorker:
         heartbeat = asyncio.create_task(self._keep_in_progress(msg))
         try:
             status, headers, body = await asyncio.to_thread(self._invoke, message)
+            refused = f"busy (HTTP {status})" if status == 429 else None
         except ConnectionError as e:
-            if msg.metadata.num_delivered < MAX_DELIVER:
-                log.warning("%s unreachable (%s); redelivering", message["function"], e)
-                await msg.nak(delay=2)
-                return
             status, headers, body = 503, {}, json.dumps({"error": str(e)}).encode()
+            refused = f"unreachable ({e})"
         finally:
             heartbeat.cancel()
+        if refused and msg.metadata.num_delivered < MAX_DELIVER:
+            log.warning("%s %s; redelivering", message["function"], refused)
+            await msg.nak(delay=2)
+            return
         await asyncio.to_thread(self._callback, message, status, headers, body)
         await msg.ack()
 
