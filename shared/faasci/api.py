@@ -1,7 +1,9 @@
 """What handlers share: JSON bodies in, dicts out, and every error as a JSON 4xx/5xx body.
 
 A handler is `handle(event, context)` as in OpenFaaS's python3-http template; wrapped in
-`endpoint`, it may return a plain dict (200) or raise a faasci.errors.UserError.
+`endpoint`, it may return a plain dict (200) or raise a faasci.errors.UserError; a NATS
+that stays unreachable is a 503 naming NATS_URL. The wrapped handler carries
+`faasci.health.ready`, which the template serves on /_/ready.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import json
 import logging
 import re
 
-from . import STAGES
+from . import STAGES, health
+from .bus import NatsUnreachable
 from .errors import UserError
 
 log = logging.getLogger("faasci.api")
@@ -26,10 +29,13 @@ def endpoint(handler):
             result = handler(event, context)
         except UserError as e:
             return {"statusCode": e.status, "body": e.body()}
+        except NatsUnreachable as e:  # not the caller's fault, nor a bug: try again later
+            return {"statusCode": 503, "body": {"error": str(e), "setting": e.setting}}
         if isinstance(result, dict) and "statusCode" in result:
             return result
         return {"statusCode": 200, "body": result}
 
+    handle.ready = health.ready  # the template's readiness hook
     return handle
 
 

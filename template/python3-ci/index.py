@@ -1,27 +1,122 @@
-"""The function server every faas-ci function runs: Flask served by waitress on port 8080.
+"""The function server every faas-ci function runs: Flask served by waitress.
 
-As in OpenFaaS's python3-http template, the handler is `function/handler.py`'s
-`handle(event, context)`; a dict it returns with `statusCode`, `body` and `headers`
-becomes the response, a dict or list body as JSON. Errors are JSON bodies too.
+As in OpenFaaS's python3-http template, it listens on an upstream port (UPSTREAM_PORT,
+else PORT, else 5000) behind of-watchdog (`mode=http`), which serves 8080, enforces the
+timeouts and answers /_/health from its lock file; run directly (PORT=...), it serves
+/_/health itself. The handler is `function/handler.py`'s `handle(event, context)`; a dict
+it returns with `statusCode`, `body` and `headers` becomes the response, a dict or list
+body as JSON. Errors are JSON bodies too.
+
+/_/ready (the watchdog's `ready_path`) answers 503 while draining, and otherwise asks the
+handler's `ready()` when it has one (a module function, or an attribute of `handle`),
+which returns (ok, JSON body).
+
+SIGTERM drains: of-watchdog passes it on at once but keeps accepting requests for its
+`healthcheck_interval`, so the server keeps serving, lets every request in flight finish,
+and exits once nothing has been in flight for QUIET_S (and the watchdog has stopped
+accepting), or at DRAIN_TIMEOUT (default: healthcheck_interval + write_timeout + 5 s;
+0: exit at once).
 """
 
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import sys
+import threading
+import time
 
 from flask import Flask, Response, request
 from waitress import serve
 from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import ClosingIterator
 
 from function import handler
 
 MAX_BODY_BYTES = 256_000  # the OpenFaaS queue-worker's cap, enforced for every invocation
+QUIET_S = 1.0  # draining ends after this long with no request in flight
 
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 log = logging.getLogger("function")
+readiness = getattr(handler, "ready", None) or getattr(handler.handle, "ready", None)
+
+
+def seconds(value: str) -> float:
+    """A Go duration as the watchdog reads it ("30s", "5m", "1m30s", "250ms") or seconds."""
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"not a duration: {value!r}")
+    unit = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+class Drain:
+    """Requests in flight (the platform's /_/ probes aside) and the drain after SIGTERM.
+    Waitress has no graceful stop: once drained, the process ends itself."""
+
+    def __init__(self, wsgi_app, env=os.environ):
+        self.wsgi_app = wsgi_app
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.last_busy = 0.0
+        self.draining = False
+        # Read now, so a bad value stops the start rather than the drain. While of-watchdog
+        # still accepts requests (its healthcheck_interval), they keep coming: serve them.
+        self.linger = seconds(env.get("healthcheck_interval") or "0")
+        # The longest a request that arrives while lingering may take, with a margin.
+        longest = self.linger + seconds(env.get("write_timeout") or "10s")
+        self.deadline = seconds(env.get("DRAIN_TIMEOUT") or str(longest + 5))
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO", "").startswith("/_/"):
+            return self.wsgi_app(environ, start_response)
+        with self.lock:
+            self.in_flight += 1
+        try:  # done once the body is sent (waitress closes the iterable), or on an error
+            return ClosingIterator(self.wsgi_app(environ, start_response), self.done)
+        except BaseException:
+            self.done()
+            raise
+
+    def done(self):
+        with self.lock:
+            self.in_flight -= 1
+            self.last_busy = time.monotonic()
+
+    def start(self, signum=None, frame=None):
+        """The SIGTERM handler: only flags and starts the drain (no logging in a handler)."""
+        if not self.draining:
+            self.draining = True
+            threading.Thread(target=self.wait_then_exit, daemon=True).start()
+
+    def wait_then_exit(self):
+        try:
+            began = time.monotonic()
+            log.info("SIGTERM: draining %d requests in flight", self.in_flight)
+            while time.monotonic() - began < self.deadline:
+                with self.lock:
+                    now = time.monotonic()
+                    quiet = now - max(began, self.last_busy) >= QUIET_S
+                    if not self.in_flight and quiet and now - began >= self.linger:
+                        break
+                time.sleep(0.1)
+            else:
+                log.warning("drain timeout: exiting with %d requests in flight", self.in_flight)
+            log.info("drained; exiting")
+            logging.shutdown()  # flushes the log handlers
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:  # exit even when the output is gone (the watchdog may have exited first)
+            os._exit(0)
+
+
+drain = app.wsgi_app = Drain(app.wsgi_app)
 
 
 class Event:
@@ -64,9 +159,18 @@ def format_response(result) -> Response:
 
 
 @app.route("/_/health")
-@app.route("/_/ready")
 def health():
-    return json_response(200, {"status": "ok"})
+    return json_response(200, {"status": "ok"})  # alive; whether it can work is /_/ready
+
+
+@app.route("/_/ready")
+def ready():
+    if drain.draining:
+        return json_response(503, {"status": "draining"})
+    if readiness is None:
+        return json_response(200, {"status": "ok"})
+    ok, body = readiness()
+    return json_response(200 if ok else 503, body)
 
 
 @app.route("/", defaults={"path": ""}, methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
@@ -97,10 +201,11 @@ if __name__ == "__main__":
         level=os.getenv("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message).2000s",
     )
+    signal.signal(signal.SIGTERM, drain.start)
     serve(
         app,
-        host=os.getenv("BIND_ADDRESS", "0.0.0.0"),
-        port=int(os.getenv("PORT", "8080")),
+        host=os.getenv("BIND_ADDRESS", "127.0.0.1"),
+        port=int(os.getenv("UPSTREAM_PORT") or os.getenv("PORT") or "5000"),
         threads=int(os.getenv("THREADS", "8")),
         ident="faasci",
     )

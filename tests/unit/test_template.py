@@ -4,13 +4,20 @@ import contextlib
 import http.client
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import requests
 from waitress.server import create_server
 
 from faasci import api
@@ -314,3 +321,221 @@ def test_loading_index_leaves_no_function_module_behind(tmp_path):
         assert module.app.test_client().get("/").get_json() == {"x": 1}
     assert sys.path == path_before
     assert function_modules() == modules_before
+
+
+# The server as a process, as of-watchdog (fprocess) or the local stack runs it.
+
+FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
+
+SLOW_HANDLER = textwrap.dedent(
+    """
+    import time
+    from pathlib import Path
+
+
+    def handle(event, context):
+        if event.path == "/slow":
+            Path(event.query["started"]).touch()
+            time.sleep(float(event.query["s"]))
+            return {"slept": float(event.query["s"])}
+        return {"ok": True}
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def index_process(root: Path, handler: str | Path, **env: str):
+    """index.py started as `python index.py` in `root` (a copy, with function/ beside it, as
+    the image and the local stack lay it out); yields (process, base URL, log file)."""
+    shutil.copy(INDEX, root / "index.py")
+    if isinstance(handler, Path):
+        (root / "function").symlink_to(handler, target_is_directory=True)
+    else:
+        handler_package(root, handler)
+    port = free_port()
+    log = root / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "index.py"], cwd=root, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "UPSTREAM_PORT": str(port), "BIND_ADDRESS": "127.0.0.1", **env},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                requests.get(f"{url}/_/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "index.py did not start"
+                time.sleep(0.05)
+        yield proc, url, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits(tmp_path):
+    """SIGTERM during a 4 s request: /_/ready turns 503 at once, new requests are still
+    served, the request ends with 200, and the process exits 0 by itself about 1 s later."""
+    started = tmp_path / "started"
+    with index_process(tmp_path, SLOW_HANDLER) as (proc, url, log):
+        slow = {}
+
+        def call():
+            resp = requests.get(f"{url}/slow", params={"s": 4, "started": started}, timeout=30)
+            slow.update(status=resp.status_code, body=resp.json(), at=time.monotonic())
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not started.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert requests.get(f"{url}/_/ready", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = requests.get(f"{url}/_/ready", timeout=5)
+        assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+        assert requests.get(f"{url}/_/health", timeout=5).status_code == 200  # alive
+        assert requests.get(f"{url}/other", timeout=5).json() == {"ok": True}  # still served
+        assert proc.poll() is None
+        thread.join(30)
+        assert slow["status"] == 200 and slow["body"] == {"slept": 4.0}
+        code = proc.wait(10)
+        exited_after = time.monotonic() - slow["at"]
+    assert code == 0, log.read_text()
+    assert 0.5 <= exited_after < 3, exited_after
+    assert "drained; exiting" in log.read_text()
+
+
+def test_drain_timeout_ends_a_request_that_does_not(tmp_path):
+    """DRAIN_TIMEOUT (a Go duration) bounds the drain: a 30 s request does not hold it."""
+    started = tmp_path / "started"
+    with index_process(tmp_path, SLOW_HANDLER, DRAIN_TIMEOUT="1500ms") as (proc, url, log):
+
+        def call():
+            with contextlib.suppress(requests.RequestException):  # cut off: no answer
+                requests.get(f"{url}/slow", params={"s": 30, "started": started}, timeout=60)
+
+        threading.Thread(target=call, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not started.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        took = time.monotonic() - signalled
+    assert code == 0
+    assert 1.4 <= took < 4, took
+    assert "drain timeout: exiting with 1 requests in flight" in log.read_text()
+
+
+def test_a_bad_duration_stops_the_start(tmp_path):
+    """A DRAIN_TIMEOUT that is no duration is refused when the server starts, not at SIGTERM."""
+    shutil.copy(INDEX, tmp_path / "index.py")
+    handler_package(tmp_path, SLOW_HANDLER)
+    env = {**os.environ, "DRAIN_TIMEOUT": "soon"}
+    done = subprocess.run([sys.executable, "index.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode != 0
+    assert "not a duration: 'soon'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("30s", 30), ("5m", 300), ("1m30s", 90), ("250ms", 0.25), ("1h", 3600), ("45", 45)],
+)
+def test_durations_read_as_the_watchdog_reads_them(index, text, value):
+    """write_timeout, healthcheck_interval and DRAIN_TIMEOUT take Go durations or seconds."""
+    assert index.seconds(text) == pytest.approx(value)
+
+
+def secrets_dir(root: Path, *names: str) -> Path:
+    folder = root / "secrets"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_text("value\n")
+    return folder
+
+
+def unreachable_services(root: Path, secrets: Path) -> dict[str, str]:
+    """A function's environment whose NATS and S3 ports are closed."""
+    return {
+        "NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        "S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "FAASCI_SECRETS_DIR": str(secrets),
+        "FAASCI_WORKDIR": str(root / "work"),
+        "GATEWAY_URL": f"http://127.0.0.1:{free_port()}",
+    }
+
+
+def test_ready_is_503_naming_nats_url_when_nats_is_unreachable(tmp_path):
+    """The runs function with NATS on a closed port: /_/ready is 503 naming NATS_URL within
+    5 s, /_/health stays 200, and the reconnect loop logs one warning, no tracebacks."""
+    fn = tmp_path / "fn"
+    fn.mkdir()
+    env = unreachable_services(tmp_path, secrets_dir(tmp_path, "s3-access-key", "s3-secret-key"))
+    with index_process(fn, FUNCTIONS / "runs", **env) as (proc, url, log):
+        began = time.monotonic()
+        resp = requests.get(f"{url}/_/ready", timeout=10)
+        took = time.monotonic() - began
+        assert resp.status_code == 503 and took < 5, took
+        body = resp.json()
+        assert body["status"] == "unavailable" and body["setting"] == "NATS_URL"
+        assert env["NATS_URL"] in body["error"]
+        assert requests.get(f"{url}/_/health", timeout=5).status_code == 200
+        for _ in range(4):  # probes go on while nats-py keeps trying to connect
+            assert requests.get(f"{url}/_/ready", timeout=5).status_code == 503
+            time.sleep(1)
+        text = log.read_text()
+    assert "Traceback" not in text, text
+    assert text.count("faasci.bus: NATS at") == 1, text  # state changes only
+    assert text.count("not ready:") == 1, text
+
+
+def test_ready_is_503_naming_a_missing_secret(tmp_path):
+    """Without the s3-secret-key secret file, /_/ready is 503 naming that secret."""
+    fn = tmp_path / "fn"
+    fn.mkdir()
+    env = unreachable_services(tmp_path, secrets_dir(tmp_path, "s3-access-key"))
+    with index_process(fn, FUNCTIONS / "pipeline-log", **env) as (proc, url, log):
+        resp = requests.get(f"{url}/_/ready", timeout=10)
+    assert resp.status_code == 503
+    assert resp.json()["setting"] == "s3-secret-key"
+    assert "secret s3-secret-key is not mounted" in resp.json()["error"]
+
+
+def test_calls_needing_nats_are_503_naming_nats_url_when_it_is_unreachable(tmp_path):
+    """A stage hand-off and a runs listing with NATS down: 503 naming NATS_URL within
+    seconds, not a 500 after minutes of retries."""
+    env = unreachable_services(tmp_path, secrets_dir(tmp_path, "s3-access-key", "s3-secret-key"))
+    answers = {}
+    for name, method, body in [
+        ("unit", "POST", {"run_id": "20300101-000000-abcdef", "attempt": 1}),
+        ("runs", "GET", None),
+    ]:
+        (tmp_path / name).mkdir()
+        with index_process(tmp_path / name, FUNCTIONS / name, **env) as (proc, url, log):
+            began = time.monotonic()
+            resp = requests.request(method, f"{url}/", json=body, timeout=60)
+            answers[name] = (resp.status_code, resp.json(), time.monotonic() - began)
+            again = time.monotonic()
+            assert requests.request(method, f"{url}/", json=body, timeout=60).status_code == 503
+            assert time.monotonic() - again < 1  # known to be down: no waiting again
+    for name, (status, body, took) in answers.items():
+        assert status == 503, (name, body)
+        assert body == {
+            "error": f"NATS at {env['NATS_URL']} (NATS_URL) is unreachable",
+            "setting": "NATS_URL",
+        }
+        assert took < 10, (name, took)
