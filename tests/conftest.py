@@ -162,8 +162,11 @@ def stack(scheduled_repo, slack):
 def gateway(stack):
     """A client of the test stack's gateway."""
     from faasci.invoke import Gateway
+    from faasci.local.control import system_auth
 
-    return Gateway(stack.gateway_url, timeout=120)
+    client = Gateway(stack.gateway_url, timeout=120)
+    client.session.auth = system_auth(stack)  # for /system/*; invocations need none
+    return client
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,12 @@ def parser() -> argparse.ArgumentParser:
         c.set_defaults(command=fn)
         return c
 
-    command("up", cmd_up, "start the local stack (idempotent)")
+    c = command("up", cmd_up, "start the local stack (idempotent)")
+    c.add_argument(
+        "--containers",
+        action="store_true",
+        help="build every function's image and run each as a container (podman)",
+    )
     command("down", cmd_down, "stop the local stack, keeping its data")
     c = command("run", cmd_run, "run the pipeline of a local path or git URL, wait for the result")
     c.add_argument(
@@ -118,7 +123,7 @@ def answer(resp: requests.Response) -> dict:
 
 
 def cmd_up(args) -> int:
-    control.up(LocalConfig.from_env(), say=err.print)
+    control.up(LocalConfig.from_env(), say=err.print, containers=args.containers)
     return 0
 
 

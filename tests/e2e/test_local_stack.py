@@ -14,6 +14,7 @@ from conftest import PORT_OFFSET, ROOT, stack_ports
 
 from faasci.local import processes
 from faasci.local.config import LocalConfig
+from faasci.local.openfaas_api import credentials
 
 FAASCI = str(Path(sys.executable).parent / "faasci")
 OTHER_STACK = stack_ports(29080, 25222, 29333)
@@ -51,7 +52,8 @@ def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
     assert again.returncode == 0 and "already up" in again.stderr
 
     home = Path(other_stack["FAASCI_HOME"])
-    functions = requests.get(f"{OTHER_GATEWAY}/system/functions", timeout=5).json()
+    auth = credentials(home / "secrets")
+    functions = requests.get(f"{OTHER_GATEWAY}/system/functions", auth=auth, timeout=5).json()
     pids = [processes.pid_of(home / "run", n) for n in ("gateway", "s3", "nats")]
     pids += [f["pid"] for f in functions]
     assert all(pids) and len(pids) == 3 + len(functions)
@@ -82,7 +84,11 @@ def test_secrets_reach_neither_logs_nor_commands(stack, gateway, make_repo):
                                path=f"{result['run_id']}/lint/1").text  # fmt: skip
     assert "FAASCI_RUN_ID=" in command_env and "CI=true" in command_env
     assert "FAASCI_SECRETS_DIR" not in command_env and "NATS_URL" not in command_env
-    secrets = [v for p in stack.secrets_dir.iterdir() if (v := p.read_text().strip())]
+    secrets = [
+        v
+        for p in stack.secrets_dir.iterdir()
+        if p.name != "basic-auth-user" and (v := p.read_text().strip())
+    ]  # a name: admin
     assert len(secrets) >= 3
     logs = "".join(p.read_text(errors="replace") for p in stack.logs.glob("*.log"))
     for value in secrets:
@@ -129,7 +135,8 @@ def test_a_killed_function_is_restarted(gateway):
 
 
 def test_a_run_survives_a_restart_of_the_whole_stack(other_stack, make_repo, tmp_path):
-    """faasci down in the middle of a stage, then up: the queued work and the run record
+    """faasci down in the middle of a stage, then up: the stage finishes within its drain
+    (its hand-off reaches the draining gateway's queue), the queued work and the run record
     survive, and the run finishes with the stage's commands completed once."""
     starts, marker = tmp_path / "starts", tmp_path / "marker"
     repo = make_repo({".faasci.yml": f"""\
@@ -150,8 +157,6 @@ stages:
         time.sleep(0.2)
     assert faasci(other_stack, "down").returncode == 0
     assert faasci(other_stack, "up").returncode == 0
-    done = faasci(other_stack, "show", run_id, "--json")
-    assert json.loads(done.stdout)["status"] in ("running", "queued")
     other = make_repo({".faasci.yml": 'service: other\nstages:\n  lint: {run: ["true"]}\n'})
     assert faasci(other_stack, "run", str(other)).returncode == 0  # new work runs meanwhile
     deadline = time.monotonic() + 180
@@ -162,4 +167,7 @@ stages:
         time.sleep(1)
     assert run["status"] == "passed"
     assert marker.read_text().splitlines() == ["done"]
-    assert [a["status"] for a in run["stages"][0]["attempts"]] == ["failed", "passed"]
+    assert [[a["status"] for a in stage["attempts"]] for stage in run["stages"]] == [
+        ["passed"],
+        ["passed"],
+    ]

@@ -197,3 +197,14 @@ def test_load_reads_the_process_environment_by_default(monkeypatch):
     monkeypatch.delenv("REGISTRY", raising=False)
     loaded = stack.load(STACK)
     assert loaded.functions["runs"].image == "localhost:5000/faasci/runs:from-os-environ"
+
+
+def test_deployment_fields_are_what_faas_cli_sends(loaded):
+    """The template's fprocess (faas-cli's envProcess), limits and requests are read, so
+    the local gateway can tell an unchanged `faas-cli deploy` from a changed one."""
+    unit, runs = loaded.functions["unit"], loaded.functions["runs"]
+    assert unit.env_process == runs.env_process == "python index.py"
+    assert unit.limits == {"memory": "1Gi", "cpu": "1"}
+    assert unit.requests == {"memory": "256Mi", "cpu": "100m"}
+    assert runs.limits == runs.requests == {} and runs.constraints == []
+    assert not unit.read_only_root_filesystem

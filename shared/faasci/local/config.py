@@ -33,6 +33,7 @@ class LocalConfig:
     nats_port: int
     s3_port: int
     secrets_dir: Path
+    containers: bool = False  # functions run as containers of their images (up --containers)
 
     @classmethod
     def from_env(cls, stack_file: Path | None = None) -> LocalConfig:
@@ -46,6 +47,7 @@ class LocalConfig:
             nats_port=int(os.environ.get("FAASCI_NATS_PORT", "4222")),
             s3_port=int(os.environ.get("FAASCI_S3_PORT", "8333")),
             secrets_dir=Path(os.environ.get("FAASCI_SECRETS_DIR") or home / "secrets").resolve(),
+            containers=os.environ.get("FAASCI_CONTAINERS") == "1",
         )
 
     @property
@@ -89,6 +91,7 @@ class LocalConfig:
             "FAASCI_NATS_PORT": str(self.nats_port),
             "FAASCI_S3_PORT": str(self.s3_port),
             "FAASCI_SECRETS_DIR": str(self.secrets_dir),
+            "FAASCI_CONTAINERS": "1" if self.containers else "0",
         }
 
 

@@ -13,11 +13,14 @@ from ..objects import ObjectStore
 from ..settings import Settings
 from . import processes, services
 from .config import LocalConfig
+from .provider import DRAIN_S
 
 # Secrets the stack can make for itself, and those it leaves empty for people to fill in
 # (an empty Slack secret means "not configured"); any other secret must be provided.
-GENERATED_SECRETS = ("s3-access-key", "s3-secret-key", "webhook-secret")
+# basic-auth-user and basic-auth-password (OpenFaaS's names) guard the gateway's /system API.
+GENERATED_SECRETS = ("s3-access-key", "s3-secret-key", "webhook-secret", "basic-auth-password")
 EMPTY_SECRETS = ("slack-webhook-url", "slack-bot-token")
+FIXED_SECRETS = {"basic-auth-user": "admin"}
 
 
 def client_settings(cfg: LocalConfig) -> Settings:
@@ -41,22 +44,37 @@ def gateway_healthy(cfg: LocalConfig) -> bool:
         return False
 
 
+def system_auth(cfg: LocalConfig) -> tuple[str, str] | None:
+    """The gateway's basic-auth credentials, for its /system API."""
+    from .openfaas_api import credentials
+
+    return credentials(cfg.secrets_dir)
+
+
 def functions_ready(cfg: LocalConfig) -> bool:
-    listed = requests.get(f"{cfg.gateway_url}/system/functions", timeout=5).json()
+    listed = requests.get(
+        f"{cfg.gateway_url}/system/functions", auth=system_auth(cfg), timeout=5
+    ).json()
     return all(fn["availableReplicas"] >= 1 for fn in listed)
 
 
 def ensure_secrets(cfg: LocalConfig) -> None:
     cfg.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name in (*GENERATED_SECRETS, *EMPTY_SECRETS):
-        path = cfg.secrets_dir / name
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(24) if name in GENERATED_SECRETS else "")
-            os.chmod(path, 0o600)
+    for name in (*GENERATED_SECRETS, *EMPTY_SECRETS, *FIXED_SECRETS):
+        value = secrets.token_urlsafe(24) if name in GENERATED_SECRETS else ""
+        try:  # created 0600 from the start: never readable by others, not even briefly
+            fd = os.open(cfg.secrets_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(FIXED_SECRETS.get(name, value))
 
 
-def up(cfg: LocalConfig, say=print) -> bool:
-    """Start what is not running; False when the stack was already up."""
+def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
+    """Start what is not running; False when the stack was already up. With `containers`,
+    every function's image is built and run as a container (see containers.py)."""
+    if containers:
+        cfg = replace(cfg, containers=True)
     if processes.pid_of(cfg.run, "gateway") and gateway_healthy(cfg):
         say(f"faas-ci is already up: gateway {cfg.gateway_url}")
         return False
@@ -74,13 +92,18 @@ def up(cfg: LocalConfig, say=print) -> bool:
         say(f"S3 (SeaweedFS) on {cfg.s3_url}")
     store = ObjectStore(settings)
     processes.wait_until(lambda: store.ensure_bucket() is None, 60, "the S3 bucket")
+    if cfg.containers:  # before the gateway: a cold build takes longer than its start
+        from .containers import build_images  # the docker SDK is needed for this mode only
+
+        build_images(cfg, say)
     processes.stop(cfg.run, "gateway")  # a gateway that is alive but unhealthy
+    connector = services.cron_connector_argv()
     processes.start(
         cfg.run,
         "gateway",
         [sys.executable, "-m", "faasci.local.gateway"],
         cfg.logs / "gateway.log",
-        env,
+        {**env, "FAASCI_BUILTIN_CRON": "0" if connector else "1"},
     )
     try:
         processes.wait_until(
@@ -91,13 +114,22 @@ def up(cfg: LocalConfig, say=print) -> bool:
         processes.stop(cfg.run, "gateway")
         raise SystemExit("faas-ci did not come up; NATS and S3 are left running") from None
     say(f"gateway on {cfg.gateway_url}; logs in {cfg.logs}")
+    say(f"faas-cli login --gateway {cfg.gateway_url} --username admin --password-stdin "
+        f"< {cfg.secrets_dir / 'basic-auth-password'}")  # fmt: skip
+    if connector:
+        services.start_cron_connector(cfg, env, connector)
+        say(f"schedules: OpenFaaS cron-connector ({connector[0]})")
+    else:
+        say("schedules: the gateway's own scheduler (no cron-connector in OPENFAAS_BIN or PATH)")
     return True
 
 
 def not_ready_report(cfg: LocalConfig) -> str:
     """Which functions are not ready, with the end of each one's log."""
     try:
-        listed = requests.get(f"{cfg.gateway_url}/system/functions", timeout=5).json()
+        listed = requests.get(
+            f"{cfg.gateway_url}/system/functions", auth=system_auth(cfg), timeout=5
+        ).json()
         names = [fn["name"] for fn in listed if fn["availableReplicas"] < 1]
     except requests.RequestException:
         names = ["gateway"]
@@ -111,5 +143,18 @@ def not_ready_report(cfg: LocalConfig) -> str:
 
 def down(cfg: LocalConfig, say=print) -> None:
     """Stop the gateway (and with it every function), S3 and NATS; data stays for next time."""
-    stopped = [name for name in ("gateway", "s3", "nats") if processes.stop(cfg.run, name)]
+    parts = ("cron-connector", "gateway", "s3", "nats")
+    # The gateway first drains its functions (DRAIN_S each, all at once).
+    stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
+    if removed := remove_containers(cfg):  # those a gateway killed mid-stop left behind
+        stopped.append(f"{removed} containers")
     say(f"stopped {', '.join(stopped)}" if stopped else "faas-ci was not running")
+
+
+def remove_containers(cfg: LocalConfig) -> int:
+    """Remove this stack's function containers, if it ever ran any."""
+    try:
+        from .containers import remove_all
+    except ImportError:  # no docker SDK installed: no containers were run
+        return 0
+    return remove_all(cfg)

@@ -1,9 +1,12 @@
 """The local gateway: OpenFaaS's HTTP contract in front of the provider's processes.
 
-  /function/<name>[/<path>]        synchronous invocation
-  /async-function/<name>[/<path>]  202 Accepted; queued on JetStream (see queue.py)
-  /system/functions                the deployed functions, in the gateway's JSON form
+  /function/<name>[.openfaas-fn][/<path>]        synchronous invocation
+  /async-function/<name>[.openfaas-fn][/<path>]  202 Accepted; queued on JetStream (queue.py)
+  /system/...                                    OpenFaaS's REST API, basic auth (openfaas_api.py)
   /healthz
+
+Invocations and /healthz are open, as in OpenFaaS. The built-in cron scheduler follows the
+deployed functions' annotations; FAASCI_BUILTIN_CRON=0 leaves schedules to cron-connector.
 
 Run as `python -m faasci.local.gateway` (faasci up does that).
 """
@@ -25,10 +28,11 @@ from waitress import serve
 
 from .. import stack as stack_file
 from ..bus import Bus
-from . import queue
+from ..errors import NotFound, UserError
+from . import openfaas_api, queue
 from .config import LocalConfig
 from .cron import Scheduler, invoke_through_gateway
-from .provider import HOP_HEADERS, Provider
+from .provider import DRAIN_S, HOP_HEADERS, Provider
 
 log = logging.getLogger("faasci.gateway")
 
@@ -50,19 +54,28 @@ def create_app(provider: Provider, bus: Bus) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = SYNC_MAX_BYTES
 
-    def unknown(name: str) -> Response | None:
-        if name not in provider.functions:
-            return error(404, f"function {name!r} not found", "function")
-        return None
+    app.register_blueprint(openfaas_api.blueprint(provider))
+
+    @app.errorhandler(UserError)
+    def user_error(e: UserError):
+        return error(e.status, e.message, e.field)
+
+    def deployed(name: str) -> str:
+        """The function of `<name>` or `<name>.<namespace>` (faas-cli's form); 404 unless
+        it is deployed."""
+        name, _, namespace = name.partition(".")
+        if namespace not in ("", openfaas_api.NAMESPACE):
+            raise NotFound(f"namespace {namespace!r} not found", "namespace")
+        provider.get(name)
+        return name
 
     def incoming_headers() -> dict:
         return {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
 
-    @app.route("/function/<name>", defaults={"path": ""}, methods=METHODS)
+    @app.route("/function/<name>/", defaults={"path": ""}, methods=METHODS, strict_slashes=False)
     @app.route("/function/<name>/<path:path>", methods=METHODS)
     def invoke_sync(name: str, path: str):
-        if (missing := unknown(name)) is not None:
-            return missing
+        name = deployed(name)
         started = time.monotonic()
         headers = incoming_headers()
         headers.setdefault("X-Call-Id", str(uuid.uuid4()))
@@ -85,11 +98,12 @@ def create_app(provider: Provider, bus: Bus) -> Flask:
         resp.headers["X-Duration-Seconds"] = f"{time.monotonic() - started:.6f}"
         return resp
 
-    @app.route("/async-function/<name>", defaults={"path": ""}, methods=METHODS)
+    @app.route(
+        "/async-function/<name>/", defaults={"path": ""}, methods=METHODS, strict_slashes=False
+    )
     @app.route("/async-function/<name>/<path:path>", methods=METHODS)
     def invoke_async(name: str, path: str):
-        if (missing := unknown(name)) is not None:
-            return missing
+        name = deployed(name)
         body = request.get_data()
         if len(body) > ASYNC_MAX_BYTES:
             return error(413, f"async request body is over {ASYNC_MAX_BYTES} bytes", "body")
@@ -125,16 +139,6 @@ def create_app(provider: Provider, bus: Bus) -> Flask:
         resp.headers["X-Call-Id"] = call_id
         return resp
 
-    @app.get("/system/functions")
-    def list_functions():
-        return jsonify([describe(fn) for fn in provider.functions.values()])
-
-    @app.get("/system/function/<name>")
-    def one_function(name: str):
-        if (missing := unknown(name)) is not None:
-            return missing
-        return jsonify(describe(provider.functions[name]))
-
     @app.get("/healthz")
     def healthz():
         return Response("OK")
@@ -154,21 +158,26 @@ def create_app(provider: Provider, bus: Bus) -> Flask:
     return app
 
 
-def describe(fn) -> dict:
-    ready = fn.proc is not None and fn.proc.poll() is None and fn.ready()
-    return {
-        "name": fn.spec.name,
-        "image": fn.spec.image,
-        "namespace": "openfaas-fn",
-        "envProcess": "python index.py",
-        "labels": fn.spec.labels,
-        "annotations": fn.spec.annotations,
-        "invocationCount": fn.invocations,
-        "replicas": 1,
-        "availableReplicas": 1 if ready else 0,
-        "restarts": fn.restarts,
-        "pid": fn.proc.pid if fn.proc else None,
-    }
+def run_schedules(provider: Provider, gateway_url: str, stop: threading.Event) -> None:
+    """cron-connector's part: fire the deployed functions' schedules, following deploys
+    that change them."""
+    invoke = functools.partial(invoke_through_gateway, gateway_url)
+    scheduler = Scheduler({}, invoke)
+    while not stop.wait(1):
+        scheduler = follow_schedules(scheduler, provider.schedules())
+        for name in scheduler.due():
+            log.info("cron: invoking %s", name)
+            threading.Thread(target=invoke, args=(name,), daemon=True).start()
+
+
+def follow_schedules(scheduler: Scheduler, schedules: dict[str, str]) -> Scheduler:
+    """A scheduler for `schedules`; a schedule that did not change keeps its next time."""
+    if schedules == scheduler.schedules:
+        return scheduler
+    fresh = Scheduler(schedules, scheduler.invoke, scheduler.now)
+    kept = {n: at for n, at in scheduler.next.items() if schedules.get(n) == scheduler.schedules[n]}
+    fresh.next.update(kept)
+    return fresh
 
 
 def main() -> None:
@@ -186,30 +195,36 @@ def main() -> None:
     worker = queue.QueueWorker(
         bus, provider.invoke, int(os.environ.get("FAASCI_QUEUE_CONCURRENCY", "32"))
     )
-    asyncio.run_coroutine_threadsafe(worker.run(), bus.loop)
+    taking_work = asyncio.run_coroutine_threadsafe(worker.run(), bus.loop)
 
     stop = threading.Event()
-    schedules = {n: s.schedule for n, s in stack.functions.items() if s.schedule}
-    cron = Scheduler(schedules, functools.partial(invoke_through_gateway, cfg.gateway_url))
-    threading.Thread(target=cron.run, args=(stop,), daemon=True).start()
+    if os.environ.get("FAASCI_BUILTIN_CRON", "1") != "0":
+        threading.Thread(
+            target=run_schedules, args=(provider, cfg.gateway_url, stop), daemon=True
+        ).start()
 
-    def shutdown(signum, frame):
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, shutdown)
-    try:
-        log.info("gateway on %s with %d functions", cfg.gateway_url, len(provider.functions))
-        serve(
-            app,
-            host="127.0.0.1",
-            port=cfg.gateway_port,
-            threads=64,
-            ident="faasci-gateway",
-            channel_timeout=6 * 3600,
-        )
-    finally:
+    def drain_then_exit() -> None:
+        # As a node going down drains its pods: no new queued work is taken, the functions
+        # finish what they hold (their hand-offs still reach this gateway and its queue),
+        # then the gateway ends. A stage still running after its drain is recovered by its
+        # lease once the stack is up again.
+        log.info("stopping: draining the functions (up to %ds)", DRAIN_S)
+        taking_work.cancel()
         stop.set()
         provider.stop()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain_then_exit).start())
+    log.info("gateway on %s with %d functions", cfg.gateway_url, len(provider.functions))
+    serve(
+        app,
+        host="127.0.0.1",
+        port=cfg.gateway_port,
+        threads=64,
+        ident="faasci-gateway",
+        channel_timeout=6 * 3600,
+        channel_request_lookahead=1,  # so a followed log notices its client leaving
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Every function of stack.yml as its own process, as faasd does with containers: a build
+"""Every deployed function as its own process, as faasd does with containers: a build
 context laid out as faas-cli's shrinkwrap would (index.py + function/), the function's
-environment and only its own secrets, and a restart whenever the process dies."""
+environment and only its own secrets, and a restart whenever the process dies.
+
+Functions are deployed, updated, scaled and removed at run time (the gateway's /system
+API); at start every function of stack.yml is deployed. Instances are made only by
+`function_instance`, so another kind (a container running the image) can be plugged in.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,29 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
 
 from .. import shell
+from ..errors import Conflict, NotFound, UserError
 from ..stack import FunctionSpec, Stack
 from .config import LocalConfig
 
 log = logging.getLogger("faasci.provider")
 
 TEMPLATE = "python3-ci"
+DRAIN_S = 15  # how long a stopping function may finish the requests it holds
 HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+
+
+class NotSupported(UserError):
+    """A request this provider cannot carry out (another one could)."""
+
+    status = 501
 
 
 class FunctionProcess:
@@ -79,8 +95,8 @@ class FunctionProcess:
         for name in self.spec.secrets:
             source = self.cfg.secrets_dir / name
             if not source.is_file():
-                raise SystemExit(
-                    f"function {self.spec.name} needs secret {name!r}: no file {source}"
+                raise UserError(
+                    f"function {self.spec.name} needs secret {name!r}: no file {source}", "secrets"
                 )
             shutil.copyfile(source, secrets / name)
             os.chmod(secrets / name, 0o600)
@@ -100,6 +116,7 @@ class FunctionProcess:
             "S3_ENDPOINT": cfg.s3_url,
             "PORT": str(self.port),
             "BIND_ADDRESS": "127.0.0.1",
+            "DRAIN_TIMEOUT": f"{DRAIN_S}s",  # the local grace period, not write_timeout's hours
             "HOSTNAME": f"{self.spec.name}-local",
             "FAASCI_FUNCTION": self.spec.name,
             "FAASCI_SECRETS_DIR": str(cfg.run / "secrets" / self.spec.name),
@@ -130,31 +147,75 @@ class FunctionProcess:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # it drains: finishes its requests, then exits
             try:
-                self.proc.wait(5)
+                self.proc.wait(DRAIN_S + 5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.kill_orphans()
 
 
+def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> FunctionProcess:
+    """The one place instances are made. Processes run a handler folder of stack.yml;
+    in containers mode (`faasci up --containers`) a container runs the function's image."""
+    if cfg.containers:
+        from .containers import FunctionContainer  # needs the docker SDK, this mode only
+
+        return FunctionContainer(spec, port, cfg)
+    if spec.handler is None:
+        raise NotSupported(
+            f"function {spec.name!r} is not in {cfg.stack_file}: this local provider runs the "
+            "handler folders of stack.yml's functions as processes, not images",
+            "service",
+        )
+    return FunctionProcess(spec, port, cfg)
+
+
+@dataclass
+class Deployment:
+    """A deployed function: its instance (at most one replica locally) and since when."""
+
+    instance: FunctionProcess
+    replicas: int = 1
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def running(self) -> bool:
+        proc = self.instance.proc
+        return self.replicas > 0 and proc is not None and proc.poll() is None
+
+
 class Provider:
+    orchestration = "processes"
+
     def __init__(self, cfg: LocalConfig, stack: Stack):
-        self.cfg = cfg
-        self.functions = {
-            name: FunctionProcess(spec, cfg.gateway_port + 1 + i, cfg)
-            for i, (name, spec) in enumerate(stack.functions.items())
-        }
+        self.cfg, self.stack = cfg, stack
+        # One port per function, kept across redeployments.
+        self.ports = {name: cfg.gateway_port + 1 + i for i, name in enumerate(stack.functions)}
+        self.functions: dict[str, Deployment] = {}
+        self._lock = threading.RLock()  # deployments change under it; the supervisor too
         self._stopping = threading.Event()
         self.http = requests.Session()
         self.http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=64))
 
+    def get(self, name: str) -> Deployment:
+        if (deployment := self.functions.get(name)) is None:
+            raise NotFound(f"function {name!r} not found", "function")
+        return deployment
+
+    def schedules(self) -> dict[str, str]:
+        """The cron schedules of the deployed functions (from their annotations)."""
+        return {n: s for n, d in list(self.functions.items()) if (s := d.instance.spec.schedule)}
+
     def invoke(
         self, name: str, path: str, method: str, query: str, headers: dict, body: bytes
     ) -> tuple[int, dict, bytes]:
-        """Call a function's process; ConnectionError when it is down."""
-        fn = self.functions[name]
+        """Call a function's process; ConnectionError when it is down or not deployed."""
+        deployment = self.functions.get(name)
+        if deployment is None or deployment.replicas == 0:
+            raise ConnectionError(f"function {name} is not deployed or scaled to zero")
+        fn = deployment.instance
         fn.invocations += 1
         try:
             r = self.http.request(
@@ -169,37 +230,105 @@ class Provider:
         kept = {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}
         return r.status_code, kept, r.content
 
+    def deploy(self, spec: FunctionSpec, update: bool) -> bool:
+        """Create (update=False) or update a function, as POST and PUT /system/functions do;
+        True when a process was (re)started. An unchanged deployment keeps its process, so
+        a repeated `faas-cli deploy` cuts no invocation short."""
+        with self._lock:
+            current = self.functions.get(spec.name)
+            if update and current is None:
+                raise NotFound(f"function {spec.name!r} not found", "service")
+            if not update and current is not None:
+                raise Conflict(f"function {spec.name!r} already exists; update it with PUT")
+            if spec.handler is None and spec.name in self.stack.functions:
+                spec = replace(spec, handler=self.stack.functions[spec.name].handler)
+            # A function new to the stack (an image, in container mode) takes the next port.
+            port = self.ports.get(spec.name, self.cfg.gateway_port + 1 + len(self.ports))
+            instance = function_instance(spec, port, self.cfg)
+            self._check_secrets(spec)
+            self.ports[spec.name] = port
+            if current is not None and current.instance.spec == spec:
+                return False
+            if current is None:
+                current = self.functions[spec.name] = Deployment(instance)
+            else:
+                current.instance.stop()
+                instance.invocations = current.instance.invocations
+                current.instance = instance
+            if current.replicas:
+                instance.prepare()
+                instance.start()
+            log.info("deployed %s (%s)", spec.name, "updated" if update else "created")
+            return current.replicas > 0
+
+    def _check_secrets(self, spec: FunctionSpec) -> None:
+        for name in spec.secrets:
+            if not (self.cfg.secrets_dir / name).is_file():
+                raise UserError(f"secret {name!r} of function {spec.name!r} not found", "secrets")
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self.get(name).instance.stop()
+            del self.functions[name]
+        log.info("removed %s", name)
+
+    def scale(self, name: str, replicas: int) -> int:
+        """0 stops the function's process, more starts it (one process locally); the
+        replicas it now has."""
+        with self._lock:
+            deployment = self.get(name)
+            wanted = min(replicas, 1)
+            if wanted != deployment.replicas:
+                deployment.replicas = wanted
+                fn = deployment.instance
+                if wanted:
+                    fn.restart_at = 0
+                    fn.prepare()
+                    fn.start()
+                else:
+                    fn.stop()
+                log.info("scaled %s to %d", name, wanted)
+            return wanted
+
     def start(self) -> None:
-        for fn in self.functions.values():
-            fn.prepare()
-            fn.start()
+        """Deploy every function of stack.yml, then watch them."""
+        for spec in self.stack.functions.values():
+            try:
+                self.deploy(spec, update=False)
+            except UserError as e:
+                raise SystemExit(e.message) from None
         threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
 
     def _supervise(self) -> None:
         """Restart a function whose process died, as Kubernetes restarts a crashed pod: at
         once after a long life, with a doubling back-off (up to 30 s) when it keeps dying."""
         while not self._stopping.wait(0.2):
-            now = time.monotonic()
-            for fn in self.functions.values():
-                if fn.proc is None or fn.proc.poll() is None or now < fn.restart_at:
-                    continue
-                if fn.restart_at == 0:  # just noticed
-                    fn.kill_orphans()
-                    crashlooping = now - fn.started_at < 10
-                    fn.backoff = min(max(fn.backoff * 2, 0.5), 30) if crashlooping else 0
-                    fn.restart_at = now + fn.backoff
-                    log.warning(
-                        "function %s exited with %s; restarting in %.1fs",
-                        fn.spec.name,
-                        fn.proc.returncode,
-                        fn.backoff,
-                    )
-                    continue
-                fn.restarts += 1
-                fn.restart_at = 0
-                fn.start()
+            with self._lock:
+                now = time.monotonic()
+                for deployment in self.functions.values():
+                    fn = deployment.instance
+                    if deployment.replicas == 0 or fn.proc is None or fn.proc.poll() is None:
+                        continue
+                    if now < fn.restart_at:
+                        continue
+                    if fn.restart_at == 0:  # just noticed
+                        fn.kill_orphans()
+                        crashlooping = now - fn.started_at < 10
+                        fn.backoff = min(max(fn.backoff * 2, 0.5), 30) if crashlooping else 0
+                        fn.restart_at = now + fn.backoff
+                        log.warning(
+                            "function %s exited with %s; restarting in %.1fs",
+                            fn.spec.name,
+                            fn.proc.returncode,
+                            fn.backoff,
+                        )
+                        continue
+                    fn.restarts += 1
+                    fn.restart_at = 0
+                    fn.start()
 
     def stop(self) -> None:
+        """Stop every function at once, each given its drain (as pods of a node going down)."""
         self._stopping.set()
-        for fn in self.functions.values():
-            fn.stop()
+        with self._lock, ThreadPoolExecutor(max(1, len(self.functions))) as pool:
+            list(pool.map(lambda deployment: deployment.instance.stop(), self.functions.values()))

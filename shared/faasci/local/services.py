@@ -1,4 +1,5 @@
-"""The real servers of the local stack: NATS with JetStream, and SeaweedFS's S3 gateway."""
+"""The real servers of the local stack: NATS with JetStream, SeaweedFS's S3 gateway, and
+OpenFaaS's cron-connector when its binary is available."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import requests
 
 from . import processes
-from .config import LocalConfig, tool
+from .config import LocalConfig, openfaas_tool, tool
 
 
 def nats_argv(cfg: LocalConfig) -> list[str]:
@@ -86,4 +87,28 @@ def start_s3(cfg: LocalConfig, env: dict[str, str]) -> bool:
     (cfg.data / "s3").mkdir(parents=True, exist_ok=True)
     processes.start(cfg.run, "s3", s3_argv(cfg), cfg.logs / "s3.log", env, cwd=cfg.data / "s3")
     processes.wait_until(lambda: s3_ready(cfg), 60, "SeaweedFS S3")
+    return True
+
+
+def cron_connector_argv() -> list[str] | None:
+    """The real cron-connector, when installed (OPENFAAS_BIN or PATH); else None and the
+    gateway's built-in scheduler fires the schedules instead."""
+    binary = openfaas_tool("cron-connector")
+    return [binary] if binary else None
+
+
+def start_cron_connector(cfg: LocalConfig, env: dict[str, str], argv: list[str]) -> bool:
+    """The connector as a cluster runs it: it lists the gateway's functions every few
+    seconds (with the gateway's basic-auth credentials from the secrets folder) and invokes
+    those annotated `topic: cron-function` on their `schedule`, synchronously."""
+    if processes.pid_of(cfg.run, "cron-connector"):
+        return False
+    settings = {
+        "gateway_url": cfg.gateway_url,
+        "basic_auth": "true",
+        "secret_mount_path": str(cfg.secrets_dir),
+        "rebuild_interval": "10s",
+    }
+    processes.start(cfg.run, "cron-connector", argv, cfg.logs / "cron-connector.log",
+                    {**env, **settings})  # fmt: skip
     return True

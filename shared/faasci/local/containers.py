@@ -1,0 +1,252 @@
+"""A function of stack.yml as a container behind the local gateway (`faasci up --containers`),
+with the same interface as provider.FunctionProcess, so the provider supervises either.
+
+Each container runs the function's image (built by engine.build_functions) with:
+  network   podman's slirp4netns with host loopback allowed: a network namespace of its own
+            (of-watchdog binds 8081 for metrics in every container), 8080 published on
+            127.0.0.1:<function port>, and the stack's 127.0.0.1 services at 10.0.2.2
+  user      the host user's uid:gid, so it writes the snapshot store as the stack does
+  mounts    its own secrets read-only at /var/openfaas/secrets; the snapshot store
+            (<home>/data/snapshots.git) read-write; the project (the stack file's folder)
+            and the folders in FAASCI_LOCAL_REPOS (space-separated) read-only; each at its
+            host path, so a local path given to `faasci run` means the same inside
+  logs      followed into <home>/logs/<function>.log (what /system/logs reads)
+A container that exits is replaced by a new one when the provider restarts it, and
+removed on stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import docker
+import requests
+
+from .. import stack
+from ..errors import UserError
+from ..stack import FunctionSpec
+from .config import LocalConfig
+from .engine import Engine, EngineError, build_functions
+
+log = logging.getLogger("faasci.containers")
+
+NETWORK = "slirp4netns:allow_host_loopback=true"
+HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns's address of the host's loopback
+SECRETS_MOUNT = "/var/openfaas/secrets"
+STOP_GRACE_S = 10  # SIGTERM lets of-watchdog drain; SIGKILL after this
+LABEL = "faasci.home"
+
+
+def stack_tag(home: Path) -> str:
+    """Names a stack's containers apart from another stack's on the same engine."""
+    return hashlib.sha256(str(home).encode()).hexdigest()[:10]
+
+
+def local_repos(cfg: LocalConfig) -> list[Path]:
+    """Folders mounted read-only at their own path: the project and FAASCI_LOCAL_REPOS."""
+    folders = [cfg.stack_file.parent, *map(Path, os.environ.get("FAASCI_LOCAL_REPOS", "").split())]
+    return list(dict.fromkeys(f.resolve() for f in folders if f.is_dir()))
+
+
+class ContainerProc:
+    """What the provider reads of a running function (`proc.poll()`, `proc.pid`,
+    `proc.returncode`), for a container: the exit code arrives when it exits."""
+
+    def __init__(self, container, returncode: int | None = None):
+        self.container = container
+        self.pid = container.attrs["State"]["Pid"] if container else None  # on the host
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class FunctionContainer:
+    def __init__(self, spec: FunctionSpec, port: int, cfg: LocalConfig):
+        self.spec, self.port, self.cfg = spec, port, cfg
+        self.engine = Engine.for_stack(cfg)
+        self.proc: ContainerProc | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.invocations = 0
+        self.backoff = 0.0  # seconds before the next restart; doubles while crash-looping
+        self.restart_at = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return f"faasci-{stack_tag(self.cfg.home)}-{self.spec.name}"
+
+    @property
+    def secrets(self) -> Path:
+        return self.cfg.run / "secrets" / self.spec.name
+
+    @property
+    def snapshots(self) -> Path:
+        return self.cfg.data / "snapshots.git"
+
+    def kill_orphans(self) -> None:
+        """Nothing to do: a container's commands die with it."""
+
+    def prepare(self) -> None:
+        if not self.engine.has_image(self.spec.image):
+            raise UserError(f"image {self.spec.image} of function {self.spec.name} is not "
+                            f"in the local engine ({self.engine.folder})", "image")  # fmt: skip
+        self.remove()  # left by a stack that was stopped hard
+        shutil.rmtree(self.secrets, ignore_errors=True)
+        self.secrets.mkdir(parents=True, mode=0o700)
+        for name in self.spec.secrets:
+            source = self.cfg.secrets_dir / name
+            if not source.is_file():
+                raise UserError(
+                    f"function {self.spec.name} needs secret {name!r}: no file {source}", "secrets"
+                )
+            shutil.copyfile(source, self.secrets / name)
+            os.chmod(self.secrets / name, 0o600)
+        self.snapshots.mkdir(parents=True, exist_ok=True)  # a mount needs its source
+
+    def environment(self) -> dict[str, str]:
+        cfg, host = self.cfg, HOST_FROM_CONTAINER
+        return {
+            **self.spec.environment,
+            # The local stack's servers, as the container reaches them.
+            "NATS_URL": f"nats://{host}:{cfg.nats_port}",
+            "S3_ENDPOINT": f"http://{host}:{cfg.s3_port}",
+            "GATEWAY_URL": f"http://{host}:{cfg.gateway_port}",
+            "PUBLIC_URL": cfg.gateway_url,  # links people follow from the host
+            "FAASCI_FUNCTION": self.spec.name,
+            "FAASCI_SNAPSHOTS": str(self.snapshots),
+            "HOME": "/tmp",  # the host uid has no home in the image
+            # Mounted repositories belong to the host user, not to the container's: git
+            # refuses them ("dubious ownership") unless told they are safe.
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": "safe.directory",
+            "GIT_CONFIG_VALUE_0": "*",
+        }
+
+    def volumes(self) -> dict[str, dict[str, str]]:
+        mounts = {str(repo): {"bind": str(repo), "mode": "ro"} for repo in local_repos(self.cfg)}
+        mounts[str(self.secrets)] = {"bind": SECRETS_MOUNT, "mode": "ro"}
+        mounts[str(self.snapshots)] = {"bind": str(self.snapshots), "mode": "rw"}
+        return mounts
+
+    def start(self) -> None:
+        self.remove()  # the dead container a restart replaces
+        self.cfg.logs.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        try:
+            container = self._run()
+        except docker.errors.APIError as e:
+            # E.g. its port still held a moment by the container it replaces: reported as
+            # an exit (podman's 125), so the provider retries with its back-off.
+            log.error("function %s: its container did not start: %s", self.spec.name, e)
+            with (self.cfg.logs / f"{self.spec.name}.log").open("a") as out:
+                out.write(f"faasci: the container did not start: {e}\n")
+            self.proc = ContainerProc(None, returncode=125)
+            return
+        self.proc = ContainerProc(container)
+        (self.cfg.run / f"fn-{self.spec.name}.pid").write_text(str(self.proc.pid))
+        threading.Thread(target=self._follow, args=(self.proc,), daemon=True,
+                         name=f"logs-{self.spec.name}").start()  # fmt: skip
+
+    def _run(self):
+        container = self.engine.client.containers.run(
+            self.spec.image,
+            name=self.name,
+            detach=True,
+            labels={LABEL: str(self.cfg.home), "faasci.function": self.spec.name},
+            environment=self.environment(),
+            user=f"{os.getuid()}:{os.getgid()}",
+            network_mode=NETWORK,
+            # A function deployed at run time, outside stack.yml, has no port yet (0): any.
+            ports={"8080/tcp": ("127.0.0.1", self.port or None)},
+            volumes=self.volumes(),
+            # The snapshot store's parent takes git's temporary index files: a tmpfs, so
+            # any uid can write there (the mount point podman makes is root's).
+            tmpfs={str(self.cfg.data): "rw,mode=1777"},
+        )
+        container.reload()
+        if not self.port:
+            self.port = int(container.ports["8080/tcp"][0]["HostPort"])
+        return container
+
+    def _follow(self, proc: ContainerProc) -> None:
+        """Append the container's output to its log until it exits; then its exit code."""
+        try:
+            with (self.cfg.logs / f"{self.spec.name}.log").open("ab") as out:
+                for chunk in proc.container.logs(stream=True, follow=True):
+                    out.write(chunk)
+                    out.flush()
+        except Exception as e:  # the stream broke: wait() below still tells when it ends
+            log.warning("function %s: log stream ended: %s", self.spec.name, e)
+        try:
+            proc.returncode = proc.container.wait()["StatusCode"]
+        except docker.errors.NotFound:  # removed meanwhile
+            proc.returncode = -9
+        except Exception as e:
+            log.warning("function %s: lost its container: %s", self.spec.name, e)
+            proc.returncode = -1
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/_/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM (of-watchdog stops taking requests and drains), SIGKILL after the grace;
+        then the container is removed."""
+        self.remove(grace=STOP_GRACE_S)
+
+    def remove(self, grace: float = 0) -> None:
+        try:
+            container = self.engine.client.containers.get(self.name)
+        except docker.errors.NotFound:
+            return
+        with contextlib.suppress(docker.errors.NotFound):  # gone meanwhile
+            if grace:
+                container.stop(timeout=grace)
+            container.remove(force=True)
+
+
+def build_images(cfg: LocalConfig, say=print) -> None:
+    """Build the image of every function of the stack (log: <home>/logs/images.log)."""
+    functions = stack.load(cfg.stack_file).functions
+    images = {name: spec.image for name, spec in functions.items()}
+    engine, log_file = Engine.for_stack(cfg), cfg.logs / "images.log"
+    say(f"building {len(images)} function images with podman ({engine.folder}; log: {log_file})")
+    started = time.monotonic()
+    try:
+        build_functions(engine, cfg.stack_file, None, images, log_file, say)
+    except EngineError as e:  # said in one line: what failed and where its log is
+        raise SystemExit(f"faasci up --containers: {e}") from None
+    say(f"images built in {time.monotonic() - started:.0f}s")
+
+
+def remove_all(cfg: LocalConfig) -> int:
+    """Remove every container of this stack (by label), e.g. after a gateway that was
+    killed; the number removed. The engine's API service is stopped too."""
+    engine = Engine.for_stack(cfg)
+    if not engine.folder.is_dir():
+        return 0
+    found = engine.client.containers.list(all=True, filters={"label": f"{LABEL}={cfg.home}"})
+
+    def remove(container) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+
+    with ThreadPoolExecutor(8) as pool:  # about a second each: at once
+        list(pool.map(remove, found))
+    engine.stop()
+    return len(found)
