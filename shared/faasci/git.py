@@ -154,35 +154,33 @@ def _current_branch(path: str) -> str | None:
 
 def _working_tree_commit(top: str, snapshots: Path) -> tuple[str, bool]:
     """HEAD when the working tree is clean; else a snapshot commit of it (untracked files
-    included, ignored ones not), written to the snapshot store without touching the
-    repository's refs, index or hooks."""
+    included, ignored ones not), stored in the snapshot store. Nothing is written into the
+    repository (its objects, refs, index or hooks), so it may even be mounted read-only."""
+    reading = {"GIT_OPTIONAL_LOCKS": "0"}  # `status` must not refresh the user's index
     try:
-        head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}", cwd=top)
+        head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}", cwd=top, env=reading)
     except GitError:
         raise Unprocessable(f"repository {top!r} has no commits", field="repo") from None
-    if not git("status", "--porcelain", "--untracked-files=all", cwd=top):
+    if not git("status", "--porcelain", "--untracked-files=all", cwd=top, env=reading):
         return head, False
-    index = snapshots.parent / f"snapshot-index-{os.getpid()}-{id(top)}"
-    env = {"GIT_INDEX_FILE": str(index)}
-    try:
-        git("read-tree", "HEAD", cwd=top, env=env)
-        git("add", "--all", cwd=top, env=env)
-        tree = git("write-tree", cwd=top, env=env)
-    finally:
-        index.unlink(missing_ok=True)
-    commit = git(
-        "commit-tree", tree, "-p", head, "-m", "faas-ci snapshot of the working tree", cwd=top
-    )
     if not (snapshots / "HEAD").exists():
         git("init", "--bare", "--quiet", str(snapshots))
-    git(
-        "push",
-        "--quiet",
-        "--no-verify",
-        str(snapshots),
-        f"{commit}:refs/snapshots/{commit}",
-        cwd=top,
-    )
+    # The store gets HEAD's history first (a fetch only reads the repository), then the
+    # snapshot's new objects are written straight into the store, never into the repository.
+    git("fetch", "--quiet", "--no-tags", "--", top, f"+HEAD:refs/snapshot-bases/{head}",
+        cwd=snapshots)  # fmt: skip
+    index = snapshots.parent / f"snapshot-index-{os.getpid()}-{id(top)}"
+    into_store = {**reading, "GIT_INDEX_FILE": str(index),
+                  "GIT_OBJECT_DIRECTORY": str((snapshots / "objects").resolve())}  # fmt: skip
+    try:
+        git("read-tree", head, cwd=top, env=into_store)
+        git("add", "--all", cwd=top, env=into_store)
+        tree = git("write-tree", cwd=top, env=into_store)
+        commit = git("commit-tree", tree, "-p", head, "-m", "faas-ci snapshot of the working tree",
+                     cwd=top, env=into_store)  # fmt: skip
+    finally:
+        index.unlink(missing_ok=True)
+    git("update-ref", f"refs/snapshots/{commit}", commit, cwd=snapshots)
     return commit, True
 
 

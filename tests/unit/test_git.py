@@ -46,6 +46,12 @@ def repo_state(repo: Path) -> dict[str, str]:
     }
 
 
+def git_dir_files(repo: Path) -> dict[str, bytes]:
+    """Every file under the repository's .git, with its content (objects included)."""
+    return {str(p.relative_to(repo)): p.read_bytes()
+            for p in sorted((repo / ".git").rglob("*")) if p.is_file()}  # fmt: skip
+
+
 def tree_files(repo: Path, commit: str) -> set[str]:
     return set(git(repo, "ls-tree", "-r", "--name-only", commit).splitlines())
 
@@ -245,11 +251,12 @@ def test_resolve_a_dirty_working_tree_makes_a_snapshot(make_repo, store):
     (repo / "old.py").unlink()  # deleted
     (repo / "staged.py").write_text("s = 2\n")
     git(repo, "add", "staged.py")  # staged
-    before = repo_state(repo)
+    before, files_before = repo_state(repo), git_dir_files(repo)
 
     resolved = resolve(repo, None, store)
 
     assert repo_state(repo) == before
+    assert git_dir_files(repo) == files_before  # not one object written into the repository
     assert before["status"]  # the tree really was dirty
     assert resolved.snapshot is True
     assert resolved.commit != head
