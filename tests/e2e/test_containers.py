@@ -99,6 +99,20 @@ def test_sample_pipeline_passes_in_containers(stack):
     assert len(hosts) == len(run["stages"]) and os.uname().nodename not in hosts, hosts
 
 
+def test_uncommitted_work_is_snapshotted_from_the_read_only_mount(stack):
+    """A working tree with uncommitted changes runs as a snapshot, though the containers
+    see the repository read-only."""
+    env, repo = stack
+    (repo / "NOTES.md").write_text("uncommitted\n")
+    try:
+        done = faasci(env, "run", str(repo), "--json", timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+        run = json.loads(done.stdout)
+        assert run["status"] == "passed" and run["snapshot"] is True
+    finally:
+        (repo / "NOTES.md").unlink()
+
+
 def test_a_dead_container_is_replaced(stack):
     """A function container killed from outside comes back (a new container) and is ready."""
     env, _ = stack
