@@ -124,15 +124,6 @@ def test_every_function_uses_the_template_and_has_a_handler():
         assert (handler / "handler.py").is_file(), f"{name}: no handler.py"
 
 
-def test_environment_files_exist_where_faas_cli_reads_them():
-    """Each environment_file exists relative to the repo root and holds an environment map."""
-    for name, fn in load_stack()["functions"].items():
-        for env_file in fn.get("environment_file") or []:
-            path = REPO / env_file
-            assert path.is_file(), f"{name}: {env_file}"
-            assert isinstance(yaml.safe_load(path.read_text())["environment"], dict), env_file
-
-
 def test_shared_library_is_copied_into_every_build():
     """configuration.copy lists ./shared, the folder holding the faasci package."""
     stack = load_stack()
@@ -253,6 +244,9 @@ def test_function_image_runs_behind_of_watchdog_as_non_root(podman, images):
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"fwatchdog"
     uids = Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[:2]
     assert uids == ["10001", "10001"], uids  # real and effective
+    library = Path(f"/proc/{pid}/root/home/app/function/shared/faasci")  # the image's files
+    assert (library / "stage.py").is_file()
+    assert not (library / "local").exists() and not (library / "cli.py").exists()  # people's
     resp = requests.post(url, json={"repo": "relative/path"}, timeout=10)
     assert resp.status_code == 400, resp.text
     assert resp.json()["field"] == "repo"

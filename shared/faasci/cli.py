@@ -122,13 +122,18 @@ def answer(resp: requests.Response) -> dict:
     return body
 
 
+def say(message: str) -> None:
+    """A line of the stack's progress, never wrapped: people copy commands from it."""
+    err.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
 def cmd_up(args) -> int:
-    control.up(LocalConfig.from_env(), say=err.print, containers=args.containers)
+    control.up(LocalConfig.from_env(), say=say, containers=args.containers)
     return 0
 
 
 def cmd_down(args) -> int:
-    control.down(LocalConfig.from_env(), say=err.print)
+    control.down(LocalConfig.from_env(), say=say)
     return 0
 
 

@@ -114,6 +114,11 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
         processes.stop(cfg.run, "gateway")
         raise SystemExit("faas-ci did not come up; NATS and S3 are left running") from None
     say(f"gateway on {cfg.gateway_url}; logs in {cfg.logs}")
+    if cfg.containers:
+        say("functions: containers of their images, behind OpenFaaS's of-watchdog")
+    else:  # of-watchdog binds its metrics port 8081 unconditionally: one per network namespace
+        say("functions: processes of the template's server, without of-watchdog "
+            "(faasci up --containers runs each behind it)")  # fmt: skip
     say(f"faas-cli login --gateway {cfg.gateway_url} --username admin --password-stdin "
         f"< {cfg.secrets_dir / 'basic-auth-password'}")  # fmt: skip
     if connector:
