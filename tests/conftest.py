@@ -32,6 +32,31 @@ def commit_all(repo: Path, message: str = "change") -> str:
 
 
 @pytest.fixture
+def callback_receiver():
+    """An HTTP server on 127.0.0.1 recording every POST: (its URL, a queue of (headers, body))."""
+    import queue
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = queue.Queue()
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.put((dict(self.headers), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/done", received
+    server.shutdown()
+
+
+@pytest.fixture
 def nats_bus(tmp_path):
     """A Bus connected to a NATS server (JetStream, file storage) of this test's own."""
     import socket

@@ -7,15 +7,12 @@ Every function of stack.yml is deployed and ready again afterwards, for the othe
 
 import json
 import os
-import queue
 import secrets
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -167,27 +164,6 @@ def test_invoke_a_listing(cli):
     """faas-cli invoke runs (GET /function/runs.openfaas-fn) answers the run listing."""
     done = cli("invoke", "runs", "--method", "GET", "--query", "limit=2", input="")
     assert isinstance(json.loads(done.stdout)["runs"], list)
-
-
-@pytest.fixture
-def callback_receiver():
-    """An HTTP server on 127.0.0.1 that records every POST it gets (url, queue of requests)."""
-    received = queue.Queue()
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            received.put((dict(self.headers), body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/", received
-    server.shutdown()
 
 
 def test_invoke_async_calls_back(cli, sample_repo, callback_receiver):

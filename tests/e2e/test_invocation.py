@@ -1,10 +1,7 @@
 """The OpenFaaS contract of the local stack: sync and async invocation, callbacks, cron."""
 
 import json
-import queue
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import ROOT, git, wait_for_run
@@ -12,27 +9,6 @@ from conftest import ROOT, git, wait_for_run
 from faasci import STAGES, trigger
 from faasci import stack as stack_file
 from faasci.local.cron import CRON_HEADERS, Scheduler, invoke_through_gateway
-
-
-@pytest.fixture
-def callback_receiver():
-    """An HTTP server on 127.0.0.1 that records every POST it gets (url, queue of requests)."""
-    received = queue.Queue()
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            received.put((dict(self.headers), body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/done", received
-    server.shutdown()
 
 
 @pytest.mark.parametrize("stage", STAGES)

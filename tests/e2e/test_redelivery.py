@@ -3,51 +3,24 @@
 (after the run ended, while the stage runs, or an earlier attempt after a retry) must be
 harmless: answered 409, nothing run again, the record unchanged."""
 
-import http.server
-import queue
-import threading
 import time
 import uuid
 from collections import Counter
 
-import pytest
 from conftest import wait_for_run
 
 from faasci import STAGES
 
 
-@pytest.fixture
-def callbacks():
-    """A local receiver of the queue-worker's callbacks: a queue of (headers, body)."""
-    received = queue.Queue()
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            received.put((dict(self.headers), body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.url = f"http://127.0.0.1:{server.server_port}/"
-    server.received = received
-    yield server
-    server.shutdown()
-
-
 def redeliver(gateway, callbacks, stage: str, run_id: str, attempt: int) -> None:
     """The same hand-off body again, with a call id of its own (no de-duplication)."""
     gateway.call_async(stage, {"run_id": run_id, "attempt": attempt},
-                       call_id=str(uuid.uuid4()), callback_url=callbacks.url)  # fmt: skip
+                       call_id=str(uuid.uuid4()), callback_url=callbacks[0])  # fmt: skip
 
 
 def statuses(callbacks, count: int) -> list[int]:
     """The X-Function-Status of the next `count` callbacks."""
-    got = [callbacks.received.get(timeout=120) for _ in range(count)]
+    got = [callbacks[1].get(timeout=120) for _ in range(count)]
     return sorted(int(headers["X-Function-Status"]) for headers, _ in got)
 
 
@@ -62,7 +35,7 @@ def marking_pipeline(make_repo, markers, unit: str = "true") -> str:
 
 
 def test_every_stage_delivered_again_after_the_run_runs_nothing(gateway, make_repo, tmp_path,
-                                                               callbacks):  # fmt: skip
+                                                               callback_receiver):  # fmt: skip
     """Each of the six hand-offs delivered twice more after the run passed: all 409."""
     markers = tmp_path / "markers"
     repo = marking_pipeline(make_repo, markers)
@@ -71,13 +44,13 @@ def test_every_stage_delivered_again_after_the_run_runs_nothing(gateway, make_re
     assert final["status"] == "passed"
     for stage in STAGES:
         for _ in range(2):
-            redeliver(gateway, callbacks, stage, run_id, 1)
-    assert statuses(callbacks, 2 * len(STAGES)) == [409] * (2 * len(STAGES))
+            redeliver(gateway, callback_receiver, stage, run_id, 1)
+    assert statuses(callback_receiver, 2 * len(STAGES)) == [409] * (2 * len(STAGES))
     assert Counter(markers.read_text().splitlines()) == {f"{s} 1": 1 for s in STAGES}
     assert gateway.call("runs", method="GET", path=run_id).json() == final
 
 
-def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, tmp_path, callbacks):
+def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, tmp_path, callback_receiver):
     """Two more deliveries of a running stage's attempt: 409, the stage and what follows it
     run once, the run passes."""
     markers = tmp_path / "markers"
@@ -88,9 +61,9 @@ def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, tmp_path,
     while not started.exists():
         assert time.monotonic() < deadline, "unit never started"
         time.sleep(0.05)
-    redeliver(gateway, callbacks, "unit", run_id, 1)
-    redeliver(gateway, callbacks, "unit", run_id, 1)
-    assert statuses(callbacks, 2) == [409, 409]
+    redeliver(gateway, callback_receiver, "unit", run_id, 1)
+    redeliver(gateway, callback_receiver, "unit", run_id, 1)
+    assert statuses(callback_receiver, 2) == [409, 409]
     final = wait_for_run(gateway, run_id)
     assert final["status"] == "passed"
     assert [len(s["attempts"]) for s in final["stages"]] == [1] * len(STAGES)
@@ -98,7 +71,7 @@ def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, tmp_path,
 
 
 def test_a_late_delivery_of_an_earlier_attempt_is_harmless(gateway, make_repo, tmp_path,
-                                                          callbacks):  # fmt: skip
+                                                          callback_receiver):  # fmt: skip
     """Attempt 1 of a stage that failed and passed on attempt 2, delivered again: 409."""
     markers = tmp_path / "markers"
     flag = tmp_path / "failed-once"
@@ -110,9 +83,9 @@ def test_a_late_delivery_of_an_earlier_attempt_is_harmless(gateway, make_repo, t
     assert final["status"] == "passed"
     assert [a["status"] for a in unit["attempts"]] == ["failed", "passed"]
     for attempt in (1, 2, 1):
-        redeliver(gateway, callbacks, "unit", run_id, attempt)
-    redeliver(gateway, callbacks, "integration", run_id, 1)
-    assert statuses(callbacks, 4) == [409] * 4
+        redeliver(gateway, callback_receiver, "unit", run_id, attempt)
+    redeliver(gateway, callback_receiver, "integration", run_id, 1)
+    assert statuses(callback_receiver, 4) == [409] * 4
     assert gateway.call("runs", method="GET", path=run_id).json() == final
     assert Counter(markers.read_text().splitlines())["unit 2"] == 1
     assert Counter(markers.read_text().splitlines())["integration 1"] == 1
