@@ -1,5 +1,5 @@
 """A function of stack.yml as a container behind the local gateway (`faasci up --containers`),
-with the same interface as provider.FunctionProcess, so the provider supervises either.
+a provider.FunctionInstance like provider.FunctionProcess, so the provider supervises either.
 
 Each container runs the function's image (built by engine.build_functions) with:
   network   podman's slirp4netns with host loopback allowed: a network namespace of its own
@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..stack import FunctionSpec
 from .config import LocalConfig
 from .engine import Engine, EngineError, build_functions
+from .provider import FunctionInstance
 
 log = logging.getLogger("faasci.containers")
 
@@ -69,20 +70,12 @@ class ContainerProc:
         return self.returncode
 
 
-class FunctionContainer:
-    def __init__(self, spec: FunctionSpec, port: int, cfg: LocalConfig):
-        self.spec, self.port, self.cfg = spec, port, cfg
-        self.engine = Engine.for_stack(cfg)
-        self.proc: ContainerProc | None = None
-        self.started_at = 0.0
-        self.restarts = 0
-        self.invocations = 0
-        self.backoff = 0.0  # seconds before the next restart; doubles while crash-looping
-        self.restart_at = 0.0
+class FunctionContainer(FunctionInstance):
+    proc: ContainerProc | None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, spec: FunctionSpec, port: int, cfg: LocalConfig):
+        super().__init__(spec, port, cfg)
+        self.engine = Engine.for_stack(cfg)
 
     @property
     def name(self) -> str:

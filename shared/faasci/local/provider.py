@@ -41,10 +41,14 @@ class NotSupported(UserError):
     status = 501
 
 
-class FunctionProcess:
+class FunctionInstance:
+    """What the provider keeps of one running function, whatever runs it (a process here,
+    a container in containers.py): prepare(), start(), ready(), stop(), and `proc` with
+    poll() and pid while it runs."""
+
     def __init__(self, spec: FunctionSpec, port: int, cfg: LocalConfig):
         self.spec, self.port, self.cfg = spec, port, cfg
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
         self.started_at = 0.0
         self.restarts = 0
         self.invocations = 0
@@ -54,6 +58,10 @@ class FunctionProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class FunctionProcess(FunctionInstance):
+    proc: subprocess.Popen | None
 
     @property
     def workdir(self) -> Path:
@@ -156,7 +164,7 @@ class FunctionProcess:
         self.kill_orphans()
 
 
-def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> FunctionProcess:
+def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> FunctionInstance:
     """The one place instances are made. Processes run a handler folder of stack.yml;
     in containers mode (`faasci up --containers`) a container runs the function's image."""
     if cfg.containers:
