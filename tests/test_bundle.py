@@ -81,7 +81,14 @@ def faas_cli() -> str:
     return binary
 
 
-def test_faas_cli_shrinkwrap_lays_out_every_function(faas_cli, tmp_path):
+@pytest.fixture
+def outside_ci(monkeypatch):
+    """faas-cli makes its build folders 0700, except under CI=true|1 (0777 less the umask):
+    tests take the strict case, the one that broke images, even when CI runs them."""
+    monkeypatch.delenv("CI", raising=False)
+
+
+def test_faas_cli_shrinkwrap_lays_out_every_function(faas_cli, tmp_path, outside_ci):
     """The real `faas-cli build --shrinkwrap -f stack.yml` (in a scratch copy) writes every
     function's context: the template, the handler in function/, the library in
     function/shared/; the folders it makes are 0700."""
@@ -97,8 +104,14 @@ def test_faas_cli_shrinkwrap_lays_out_every_function(faas_cli, tmp_path):
     assert not (REPO / "build").exists(), "the repository's own build/ was touched"
 
 
-def test_python_shrinkwrap_matches_faas_cli(faas_cli, tmp_path, monkeypatch):
-    """Without faas-cli, the project's own shrinkwrap makes the same files with the same modes."""
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_python_shrinkwrap_matches_faas_cli(faas_cli, tmp_path, monkeypatch, ci):
+    """Without faas-cli, the project's own shrinkwrap makes the same files with the same
+    modes, outside CI and under CI=true."""
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
     real = tree(engine.shrinkwrap(REPO / "stack.yml", tmp_path / "real"))
     monkeypatch.setattr(engine, "openfaas_tool", lambda name: None)
     ours = tree(engine.shrinkwrap(REPO / "stack.yml", tmp_path / "ours"))
@@ -174,7 +187,8 @@ def podman():
 
 @pytest.fixture(scope="module")
 def images(podman, faas_cli, tmp_path_factory) -> dict[str, str]:
-    """`runs` and `sleepy` built from one faas-cli shrinkwrap of a test project."""
+    """`runs` and `sleepy` built from one faas-cli shrinkwrap of a test project, its folders
+    0700 as faas-cli makes them outside CI."""
     project = tmp_path_factory.mktemp("project")
     for rel in ("template", "shared", "functions/runs"):
         shutil.copytree(REPO / rel, project / rel, ignore=shutil.ignore_patterns("__pycache__"))
@@ -195,7 +209,9 @@ def images(podman, faas_cli, tmp_path_factory) -> dict[str, str]:
     (project / "stack.yml").write_text(yaml.safe_dump(stack))
     log = tmp_path_factory.mktemp("logs") / "build.log"
     try:
-        engine.build_functions(podman, project / "stack.yml", None, IMAGES, log)
+        with pytest.MonkeyPatch.context() as mp:  # the strict layout: 0700 folders (outside_ci)
+            mp.delenv("CI", raising=False)
+            engine.build_functions(podman, project / "stack.yml", None, IMAGES, log)
     finally:
         print(log.read_text()[-3000:] if log.exists() else "no build log")
     return IMAGES

@@ -339,12 +339,18 @@ def shrinkwrap_like_faas_cli(stack_file: Path) -> None:
     """faas-cli's createBuildContext, step for step, for machines without faas-cli: per
     function (skip_build ones skipped) a fresh build/<fn>/ holding template/<lang>/, the
     handler's entries (but build/ and template/) in <handler_folder or function>/, and each
-    configuration.copy path inside that folder. Like faas-cli, the folders it makes are 0700."""
+    configuration.copy path inside that folder. Like faas-cli, the folders it makes are 0700,
+    or 0777 less the umask when CI is "true" or "1" (faas-cli's concession to CI builders)."""
     root = stack_file.parent
     stack = yaml.safe_load(envsubst(stack_file.read_text()))
     if (stack.get("provider") or {}).get("name") != "openfaas":
         raise EngineError('stack: provider.name must be "openfaas"')
     copies = (stack.get("configuration") or {}).get("copy") or []
+    folder_mode = 0o700
+    if os.environ.get("CI") in ("true", "1"):
+        umask = os.umask(0)
+        os.umask(umask)
+        folder_mode = 0o777 & ~umask
     for name, fn in stack["functions"].items():
         if fn.get("skip_build"):
             continue
@@ -359,7 +365,7 @@ def shrinkwrap_like_faas_cli(stack_file: Path) -> None:
         function_path.mkdir(parents=True)
         shutil.copytree(template, context, dirs_exist_ok=True)
         for folder in (root / "build", context, function_path):  # copytree copied modes too
-            folder.chmod(0o700)
+            folder.chmod(folder_mode)
         for entry in sorted(handler.iterdir()):
             if entry.name in ("build", "template"):
                 continue
