@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
-import requests
 
 from .. import stack
 from ..errors import UserError
@@ -190,12 +189,6 @@ class FunctionContainer(FunctionInstance):
         except Exception as e:
             log.warning("function %s: lost its container: %s", self.spec.name, e)
             proc.returncode = -1
-
-    def ready(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/_/ready", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
 
     def stop(self) -> None:
         """SIGTERM (of-watchdog stops taking requests and drains), SIGKILL after the grace;

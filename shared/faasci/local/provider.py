@@ -59,6 +59,13 @@ class FunctionInstance:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def ready(self) -> bool:
+        """Can it take work? Its own answer on /_/ready (dependencies included)."""
+        try:
+            return requests.get(f"{self.url}/_/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
 
 class FunctionProcess(FunctionInstance):
     proc: subprocess.Popen | None
@@ -146,12 +153,6 @@ class FunctionProcess(FunctionInstance):
             )
         self.started_at = time.monotonic()
         (self.cfg.run / f"fn-{self.spec.name}.pid").write_text(str(self.proc.pid))
-
-    def ready(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/_/ready", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
