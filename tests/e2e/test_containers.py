@@ -21,6 +21,7 @@ import yaml
 from conftest import PORT_OFFSET, ROOT, SAMPLE, commit_all, git, stack_ports
 
 from faasci.local import containers
+from faasci.local.config import stack_tag
 from faasci.local.engine import Engine
 
 FAASCI = str(Path(sys.executable).parent / "faasci")
@@ -116,7 +117,7 @@ def test_uncommitted_work_is_snapshotted_from_the_read_only_mount(stack):
 def test_a_dead_container_is_replaced(stack):
     """A function container killed from outside comes back (a new container) and is ready."""
     env, _ = stack
-    name = f"faasci-{containers.stack_tag(Path(env['FAASCI_HOME']))}-runs"
+    name = f"faasci-{stack_tag(Path(env['FAASCI_HOME']))}-runs"
     killed = Engine(ENGINE_HOME).podman("kill", name)
     assert killed.returncode == 0, killed.stderr
     deadline = time.monotonic() + 60

@@ -25,6 +25,11 @@ def find_stack_file(start: Path | None = None) -> Path:
     raise SystemExit("no stack.yml here or above; set FAASCI_STACK")
 
 
+def stack_tag(home: Path) -> str:
+    """A short name for the stack whose data lives in `home`."""
+    return hashlib.sha256(str(home).encode()).hexdigest()[:10]
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     stack_file: Path
@@ -76,11 +81,15 @@ class LocalConfig:
         return self.home / "run"
 
     @property
+    def tag(self) -> str:
+        """Tells this stack's things apart from another's on one machine (by its home)."""
+        return stack_tag(self.home)
+
+    @property
     def workdir(self) -> Path:
         """Scratch space of the functions (checkouts, unpacked caches): the machine's temp
         folder, like a container's ephemeral disk, as it is not data worth keeping."""
-        tag = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
-        return Path(tempfile.gettempdir()) / f"faasci-work-{tag}"
+        return Path(tempfile.gettempdir()) / f"faasci-work-{self.tag}"
 
     def env(self) -> dict[str, str]:
         """The environment that points a process (the gateway, the CLI) at this stack."""

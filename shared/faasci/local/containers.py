@@ -18,10 +18,8 @@ removed on stop.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +41,6 @@ HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns's address of the host's loopback
 SECRETS_MOUNT = "/var/openfaas/secrets"
 STOP_GRACE_S = 10  # SIGTERM lets of-watchdog drain; SIGKILL after this
 LABEL = "faasci.home"
-
-
-def stack_tag(home: Path) -> str:
-    """Names a stack's containers apart from another stack's on the same engine."""
-    return hashlib.sha256(str(home).encode()).hexdigest()[:10]
 
 
 def local_repos(cfg: LocalConfig) -> list[Path]:
@@ -78,11 +71,7 @@ class FunctionContainer(FunctionInstance):
 
     @property
     def name(self) -> str:
-        return f"faasci-{stack_tag(self.cfg.home)}-{self.spec.name}"
-
-    @property
-    def secrets(self) -> Path:
-        return self.cfg.run / "secrets" / self.spec.name
+        return f"faasci-{self.cfg.tag}-{self.spec.name}"
 
     @property
     def snapshots(self) -> Path:
@@ -96,16 +85,7 @@ class FunctionContainer(FunctionInstance):
             raise UserError(f"image {self.spec.image} of function {self.spec.name} is not "
                             f"in the local engine ({self.engine.folder})", "image")  # fmt: skip
         self.remove()  # left by a stack that was stopped hard
-        shutil.rmtree(self.secrets, ignore_errors=True)
-        self.secrets.mkdir(parents=True, mode=0o700)
-        for name in self.spec.secrets:
-            source = self.cfg.secrets_dir / name
-            if not source.is_file():
-                raise UserError(
-                    f"function {self.spec.name} needs secret {name!r}: no file {source}", "secrets"
-                )
-            shutil.copyfile(source, self.secrets / name)
-            os.chmod(self.secrets / name, 0o600)
+        self.copy_secrets()
         self.snapshots.mkdir(parents=True, exist_ok=True)  # a mount needs its source
 
     def environment(self) -> dict[str, str]:

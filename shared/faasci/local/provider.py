@@ -59,6 +59,23 @@ class FunctionInstance:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def secrets(self) -> Path:
+        """This function's secrets only, one file each (its /var/openfaas/secrets)."""
+        return self.cfg.run / "secrets" / self.spec.name
+
+    def copy_secrets(self) -> None:
+        shutil.rmtree(self.secrets, ignore_errors=True)
+        self.secrets.mkdir(parents=True, mode=0o700)
+        for name in self.spec.secrets:
+            source = self.cfg.secrets_dir / name
+            if not source.is_file():
+                raise UserError(
+                    f"function {self.spec.name} needs secret {name!r}: no file {source}", "secrets"
+                )
+            shutil.copyfile(source, self.secrets / name)
+            os.chmod(self.secrets / name, 0o600)
+
     def ready(self) -> bool:
         """Can it take work? Its own answer on /_/ready (dependencies included)."""
         try:
@@ -104,17 +121,7 @@ class FunctionProcess(FunctionInstance):
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(self.spec.handler, target_is_directory=True)
-        secrets = self.cfg.run / "secrets" / self.spec.name
-        shutil.rmtree(secrets, ignore_errors=True)
-        secrets.mkdir(parents=True, mode=0o700)
-        for name in self.spec.secrets:
-            source = self.cfg.secrets_dir / name
-            if not source.is_file():
-                raise UserError(
-                    f"function {self.spec.name} needs secret {name!r}: no file {source}", "secrets"
-                )
-            shutil.copyfile(source, secrets / name)
-            os.chmod(secrets / name, 0o600)
+        self.copy_secrets()
 
     def environment(self) -> dict[str, str]:
         cfg = self.cfg
@@ -134,7 +141,7 @@ class FunctionProcess(FunctionInstance):
             "DRAIN_TIMEOUT": f"{DRAIN_S}s",  # the local grace period, not write_timeout's hours
             "HOSTNAME": f"{self.spec.name}-local",
             "FAASCI_FUNCTION": self.spec.name,
-            "FAASCI_SECRETS_DIR": str(cfg.run / "secrets" / self.spec.name),
+            "FAASCI_SECRETS_DIR": str(self.secrets),
             "FAASCI_WORKDIR": str(self.workdir),
             "FAASCI_SNAPSHOTS": str(cfg.data / "snapshots.git"),
         }
@@ -185,7 +192,7 @@ def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> Functi
 class Deployment:
     """A deployed function: its instance (at most one replica locally) and since when."""
 
-    instance: FunctionProcess
+    instance: FunctionInstance
     replicas: int = 1
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -196,8 +203,6 @@ class Deployment:
 
 
 class Provider:
-    orchestration = "processes"
-
     def __init__(self, cfg: LocalConfig, stack: Stack):
         self.cfg, self.stack = cfg, stack
         # One port per function, kept across redeployments.
@@ -207,6 +212,11 @@ class Provider:
         self._stopping = threading.Event()
         self.http = requests.Session()
         self.http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=64))
+
+    @property
+    def orchestration(self) -> str:
+        """What runs the functions, as /system/info reports it."""
+        return "containers" if self.cfg.containers else "processes"
 
     def get(self, name: str) -> Deployment:
         if (deployment := self.functions.get(name)) is None:
