@@ -83,15 +83,22 @@ def project_type(files: set[str]) -> str | None:
 
 class CacheSpec(BaseModel):
     """A dependency cache: `setup` fills `paths` (in the service folder, or under `~/`); the
-    archive is keyed by the `manifests`' contents and the runtime."""
+    archive is keyed by the repository, the `manifests`' contents and the stage runtime.
+    `prepare` runs in every stage that uses the cache, once it is in place (restored or
+    just set up): the place for `pip install --no-deps -e .`, so the commit's own code is
+    what gets tested, never a copy cached from an earlier commit."""
 
     model_config = ConfigDict(extra="forbid")
 
     setup: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     paths: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     manifests: list[Annotated[str, Field(min_length=1)]] = []  # default: by project type
+    prepare: list[Annotated[str, Field(min_length=1)]] = []
+    # The set-up has a timeout of its own: the stage's `timeout` covers prepare and run.
+    setup_timeout: int = Field(default=1800, gt=0, le=6 * 3600, strict=True,
+                               description="seconds")  # fmt: skip
 
-    @field_validator("setup", "paths", "manifests", mode="before")
+    @field_validator("setup", "paths", "manifests", "prepare", mode="before")
     @classmethod
     def _one_as_list(cls, value):
         return [value] if isinstance(value, str) else value
@@ -117,6 +124,10 @@ class StageSpec(BaseModel):
     retry_on: list[RetryReason] = ["timeout", "infra"]
     backoff: Backoff = Backoff()
     cache: bool = True  # restore the pipeline's dependency cache first (when it has one)
+    # A container image to run the commands in (through the engine at DOCKER_HOST); without
+    # one they run in the function's own environment, isolated (see faasci.sandbox).
+    image: str | None = Field(default=None, min_length=1, max_length=300,
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")  # fmt: skip
 
     @field_validator("run", mode="before")
     @classmethod

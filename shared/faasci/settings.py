@@ -29,6 +29,15 @@ class Settings:
         None  # git store of working-tree snapshots; under workdir by default
     )
     scheduled_repos: tuple[str, ...] = ()  # "<repo>[#<ref>]" entries a cron request runs
+    # The node-local layer of unpacked dependency caches, shared by the functions of a node.
+    cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "faasci-cache")
+    cache_max_bytes: int = 20 * 2**30
+    # Where every stage sees its checkout (`src/`) and HOME (`home/`): one absolute path on
+    # every run, so virtualenvs and tools' absolute paths restored from a cache still work.
+    workspace: Path = field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "faasci-workspace"
+    )
+    sandbox_hide: tuple[Path, ...] = ()  # more folders stages must not see (besides ours)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -46,7 +55,14 @@ class Settings:
             workdir=Path(env["FAASCI_WORKDIR"]) if env.get("FAASCI_WORKDIR") else defaults.workdir,
             snapshots_dir=Path(env["FAASCI_SNAPSHOTS"]) if env.get("FAASCI_SNAPSHOTS") else None,
             scheduled_repos=tuple(r for r in env.get("SCHEDULED_REPOS", "").split() if r),
-        )
+            cache_dir=Path(env["FAASCI_CACHE_DIR"]) if env.get("FAASCI_CACHE_DIR")
+            else defaults.cache_dir,
+            cache_max_bytes=int(env.get("FAASCI_CACHE_MAX_BYTES", defaults.cache_max_bytes)),
+            workspace=Path(env["FAASCI_WORKSPACE"]) if env.get("FAASCI_WORKSPACE")
+            else defaults.workspace,
+            sandbox_hide=tuple(Path(p) for p in env.get("FAASCI_SANDBOX_HIDE", "").split(":")
+                               if p),
+        )  # fmt: skip
 
     @property
     def snapshots(self) -> Path:
