@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,13 @@ def nats_bus(tmp_path):
 
 
 @pytest.fixture
+def outside():
+    """A folder both the test and stage commands see (a stage's /tmp is its own)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="faasci-test-") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture
 def make_repo(tmp_path):
     """Make a committed git repository from {relative path: text}; returns its path."""
     counter = iter(range(1000))
@@ -99,6 +107,29 @@ def make_repo(tmp_path):
         return repo
 
     return make
+
+
+# Real projects nobody here wrote (../shared/corpus, or FAASCI_CORPUS): `git archive` tarballs
+# of one folder each.
+CORPUS = Path(os.environ.get("FAASCI_CORPUS") or ROOT.parent / "shared" / "corpus")
+CORPUS_PROJECTS = ("blinker", "markupsafe", "structlog", "mime-types")
+
+
+def corpus_repo(name: str, parent: Path, as_name: str | None = None) -> Path:
+    """A corpus project unpacked into `parent` (as `as_name`), `git init` and committed."""
+    import tarfile
+
+    tarball = CORPUS / f"{name}.tar.gz"
+    if not tarball.exists():
+        pytest.skip(f"no corpus at {CORPUS}")
+    unpacked = parent / f".unpack-{as_name or name}"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(unpacked, filter="data")
+    repo = (unpacked / name).rename(parent / (as_name or name))
+    unpacked.rmdir()
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit_all(repo, f"{name} as shipped")
+    return repo
 
 
 @pytest.fixture

@@ -1,45 +1,59 @@
-"""Dependency caches in S3, keyed by the manifests' contents and the runtime.
+"""Dependency caches: whose they are, what they are keyed by, and their archives in S3.
 
-Before a stage's commands the cache is restored when its key exists; on a miss the
-pipeline's set-up commands run and what they filled is saved. An archive is a gzipped tar
-written to disk and uploaded in parts (never whole in memory) with its sha256 in the
-object's own metadata, so a restore can tell a corrupt or truncated archive and treat it
-as a miss. S3 shows an object only once its upload is complete, so two runs saving one
-key at once leave one whole archive, never a mixed one. Beside each archive a small JSON
-entry holds what `faasci cache ls` and retention need (created, last used, size).
+A cache belongs to a repository (its namespace is the repository's normalized identity,
+never the `service:` name a pipeline file declares, so one repository cannot fill
+another's cache). Its key hashes what the cached paths depend on: the manifests'
+contents, the stage's runtime (OS, architecture, the workspace path the tools were
+installed at, the image, the Python and Node a stage finds on its PATH), the set-up and
+the paths. Keys are content addresses: a stale key is never wrong, only wasted space.
+
+In S3 an entry is a zstd-compressed tar (`cache/<namespace>/<key>.tar.zst`, written to
+disk then uploaded in parts, never whole in memory, with its sha256 in the object's own
+metadata) and a small JSON entry beside it for `faasci cache ls`, invalidation and
+retention. S3 shows an object only once its upload is complete, so two stages saving one
+key at once leave one whole archive. A restore streams the archive through zstd into GNU
+tar and checks the sha256 at the end: a corrupt or truncated archive is a miss. The
+node-local layer of unpacked entries in front of S3 is faasci.nodecache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 import glob
-import gzip
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
-import sys
-import tarfile
+import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
+import zstandard
+from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from . import shell
+from . import git
+from .defaults import DEFAULT_MANIFESTS, project_type
 from .errors import NotFound
 from .objects import ObjectStore
-from .pipeline import DEFAULT_MANIFESTS, CacheSpec, project_type
+from .pipeline import CacheSpec
 
 log = logging.getLogger("faasci.cache")
 
 PREFIX = "cache"
+# Level 3 with all cores: as fast to pack as level 1 on two cores and 15% smaller; unpacking
+# costs the same at any level (the file system, not zstd, is the bottleneck there).
+ZSTD_LEVEL = 3
 
 
 class CacheReport(BaseModel):
@@ -48,6 +62,7 @@ class CacheReport(BaseModel):
     key: str
     hit: bool
     reason: str | None = None  # why a miss: "absent", "corrupt", "unavailable"
+    source: str | None = None  # where a hit came from: "local" (this node) or "s3"
     restored_bytes: int = 0
     saved_bytes: int = 0
     restore_s: float = 0
@@ -55,37 +70,181 @@ class CacheReport(BaseModel):
     save_s: float = 0
 
 
-@dataclass
+class CorruptArchive(Exception):
+    """An archive that does not match its checksum or does not unpack."""
+
+
+# Whose cache: the repository's identity.
+
+
+def normalize_repo(repo: str) -> str:
+    """One spelling per repository: scheme and host lowercased, credentials, default ports,
+    a trailing `/` and `.git` dropped; `git@host:owner/name` is `ssh://git@host/owner/name`;
+    a local path (or file:// URL) is its real path."""
+    scp = re.fullmatch(r"([\w.-]+@)?([\w.-]+):(?!//)(.+)", repo)
+    if scp and not os.path.isabs(repo):
+        repo = f"ssh://{scp.group(1) or ''}{scp.group(2)}/{scp.group(3).lstrip('/')}"
+    parts = urlsplit(repo)
+    if parts.scheme.lower() == "file" or not parts.scheme:
+        return os.path.realpath(parts.path if parts.scheme else repo)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    default_port = {"ssh": 22, "http": 80, "https": 443, "git": 9418}.get(scheme)
+    port = f":{parts.port}" if parts.port and parts.port != default_port else ""
+    path = parts.path.rstrip("/").removesuffix(".git").rstrip("/")
+    return f"{scheme}://{host}{port}{path}"
+
+
+def namespace_of(repo: str) -> str:
+    """`<name>-<16 hex>`: readable, and unique per repository."""
+    normalized = normalize_repo(repo)
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", normalized.rstrip("/").rsplit("/", 1)[-1])
+    base = base.strip(".-")[:40] or "repo"
+    return f"{base}-{hashlib.sha256(normalized.encode()).hexdigest()[:16]}"
+
+
+# What the cache is keyed by.
+
+
+@dataclass(frozen=True)
 class CacheKey:
-    service: str
+    namespace: str
     value: str  # hex digest
     manifests: dict[str, str]  # path -> sha256 of its contents
     runtime: dict[str, str]
 
     @property
     def archive(self) -> str:
-        return object_name(self.service, self.value, "tar.gz")
+        return object_name(self.namespace, self.value, "tar.zst")
 
     @property
     def entry(self) -> str:
-        return object_name(self.service, self.value, "json")
+        return object_name(self.namespace, self.value, "json")
 
 
-def object_name(service: str, key: str, suffix: str) -> str:
-    """Where a cache's archive ("tar.gz") or its entry ("json") lives in S3."""
-    return f"{PREFIX}/{service}/{key}.{suffix}"
+def object_name(namespace: str, key: str, suffix: str) -> str:
+    """Where a cache's archive ("tar.zst") or its entry ("json") lives in S3."""
+    return f"{PREFIX}/{namespace}/{key}.{suffix}"
 
 
-def runtime(kind: str | None) -> dict[str, str]:
-    """What a cache built here depends on besides the manifests."""
-    facts = {"os": _os_release(), "arch": platform.machine(),
-             "python": f"{sys.version_info.major}.{sys.version_info.minor}"}  # fmt: skip
-    if kind == "node" and shutil.which("node"):
-        facts["node"] = subprocess.run(["node", "--version"], capture_output=True,
-                                       text=True).stdout.strip()  # fmt: skip
+def compute_key(namespace: str, spec: CacheSpec, manifests: dict[str, bytes],
+                runtime: dict[str, str]) -> CacheKey:  # fmt: skip
+    """The same manifests, runtime, set-up and paths give the same key, anywhere. `prepare`
+    is left out: it runs in every stage, after the restore."""
+    digests = {path: hashlib.sha256(data).hexdigest() for path, data in sorted(manifests.items())}
+    basis = json.dumps({"manifests": digests, "runtime": runtime, "setup": spec.setup,
+                        "paths": spec.paths}, sort_keys=True)  # fmt: skip
+    return CacheKey(namespace, hashlib.sha256(basis.encode()).hexdigest()[:32], digests, runtime)
+
+
+def manifest_patterns(spec: CacheSpec, files: set[str]) -> list[str]:
+    """The pipeline's manifests, or the defaults of the project's type (from the names at
+    the service folder's top level)."""
+    return spec.manifests or DEFAULT_MANIFESTS.get(project_type(files) or "", [])
+
+
+def manifests_in_dir(spec: CacheSpec, service_dir: Path) -> dict[str, bytes]:
+    """The manifests of a checkout, by path relative to the service folder."""
+    files = {p.name for p in service_dir.iterdir()} if service_dir.is_dir() else set()
+    found = {
+        os.path.relpath(match, service_dir)
+        for pattern in manifest_patterns(spec, files)
+        for match in glob.glob(str(service_dir / pattern))
+        if os.path.isfile(match)
+    }
+    return {path: (service_dir / path).read_bytes() for path in sorted(found)}
+
+
+def manifests_at_commit(spec: CacheSpec, repository: str, commit: str,
+                        service_path: str = "") -> dict[str, bytes]:  # fmt: skip
+    """The manifests of `commit` in a local repository (bare or not), without a checkout:
+    the same as manifests_in_dir gives for its checkout."""
+    prefix = f"{service_path}/" if service_path else ""
+    listing = git.git("ls-tree", "-r", "--name-only", "-z", commit, "--", prefix or ".",
+                      cwd=repository, strip=False)  # fmt: skip
+    paths = [p.removeprefix(prefix) for p in listing.split("\0") if p]
+    patterns = manifest_patterns(spec, {p.split("/", 1)[0] for p in paths})
+    chosen = sorted(p for p in paths if any(_glob_match(p, pattern) for pattern in patterns))
+    return dict(zip(chosen, _blobs(repository, [f"{commit}:{prefix}{p}" for p in chosen]),
+                    strict=True))  # fmt: skip
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """glob.glob's matching of one path: segment by segment, and a leading dot only
+    matched by a pattern that says it."""
+    names, parts = path.split("/"), pattern.split("/")
+    return len(names) == len(parts) and all(
+        fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not name.startswith("."))
+        for name, part in zip(names, parts, strict=True)
+    )
+
+
+def _blobs(repository: str, objects: list[str]) -> list[bytes]:
+    """Files' exact bytes (git.git() returns text: CRLF and non-UTF-8 would change the key)."""
+    if not objects:
+        return []
+    done = subprocess.run(
+        ["git", "cat-file", "--batch"], cwd=repository, capture_output=True, check=False,
+        input="".join(f"{o}\n" for o in objects).encode(), env={**os.environ, **git.GIT_ENV},
+        timeout=git.NETWORK_TIMEOUT,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise git.GitError(f"git cat-file: {done.stderr.decode(errors='replace')[-300:]}")
+    out, at, found = done.stdout, 0, []
+    for name in objects:
+        header_end = out.index(b"\n", at)
+        header = out[at:header_end].split()
+        if header[-1] == b"missing":
+            raise git.GitError(f"git cat-file: {name} missing")
+        size = int(header[2])
+        found.append(out[header_end + 1 : header_end + 1 + size])
+        at = header_end + 1 + size + 1  # the blob, then a newline
+    return found
+
+
+# The stage runtime: what a cache made by a stage depends on besides its manifests.
+
+_versions: dict[tuple[str, int], str] = {}
+_versions_lock = threading.Lock()
+PROBES = {
+    "python3": ["-c", "import sys;print(sys.version.split()[0])"],
+    "node": ["--version"],
+}
+
+
+def stage_runtime(path: str, workspace: Path, image: str | None = None) -> dict[str, str]:
+    """The OS, architecture and workspace path; with an image, the image (its tools are
+    its own); without, the Python and Node a stage's PATH finds (real path and version,
+    measured once per interpreter file). Never faas-ci's own interpreter."""
+    facts = {"os": _os_release(), "arch": platform.machine(), "workspace": str(workspace)}
+    if image:
+        facts["image"] = image
+        return facts
+    for tool, args in PROBES.items():
+        found = shutil.which(tool, path=path)
+        if found:
+            real = os.path.realpath(found)
+            facts[tool] = f"{real} {_version(real, args, path)}"
     return facts
 
 
+def _version(real: str, args: list[str], path: str) -> str:
+    memo = (real, os.stat(real).st_mtime_ns)
+    with _versions_lock:
+        if memo in _versions:
+            return _versions[memo]
+    try:
+        done = subprocess.run([real, *args], capture_output=True, text=True, timeout=30,
+                              env={"PATH": path, "LANG": "C.UTF-8"},
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+        version = done.stdout.strip() or f"exit {done.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        version = f"unknown ({type(e).__name__})"
+    with _versions_lock:
+        _versions[memo] = version
+    return version
+
+
+@functools.cache
 def _os_release() -> str:
     try:
         lines = Path("/etc/os-release").read_text().splitlines()
@@ -95,36 +254,14 @@ def _os_release() -> str:
         return platform.system().lower()
 
 
-def project_kind(service_dir: Path) -> str | None:
-    return project_type({p.name for p in service_dir.iterdir()} if service_dir.is_dir() else set())
+def split_path(path: str) -> tuple[str, str]:
+    """A cached path's root ("work": the service folder, "home": HOME) and its rest."""
+    return ("home", path[2:]) if path.startswith("~/") else ("work", path)
 
 
-def manifest_patterns(spec: CacheSpec, service_dir: Path) -> list[str]:
-    """The pipeline's manifests, or the defaults of the project's type."""
-    return spec.manifests or DEFAULT_MANIFESTS.get(project_kind(service_dir) or "", [])
-
-
-def manifest_paths(spec: CacheSpec, service_dir: Path) -> list[str]:
-    patterns = manifest_patterns(spec, service_dir)
-    found = {
-        os.path.relpath(match, service_dir)
-        for pattern in patterns
-        for match in glob.glob(str(service_dir / pattern))
-        if os.path.isfile(match)
-    }
-    return sorted(found)
-
-
-def compute_key(service: str, spec: CacheSpec, service_dir: Path) -> CacheKey:
-    """The same manifests, runtime, set-up and paths give the same key, anywhere."""
-    manifests = {
-        path: hashlib.sha256((service_dir / path).read_bytes()).hexdigest()
-        for path in manifest_paths(spec, service_dir)
-    }
-    facts = runtime(project_kind(service_dir))
-    basis = json.dumps({"manifests": manifests, "runtime": facts, "setup": spec.setup,
-                        "paths": spec.paths}, sort_keys=True)  # fmt: skip
-    return CacheKey(service, hashlib.sha256(basis.encode()).hexdigest()[:32], manifests, facts)
+# The archive format: tar through zstd. GNU tar is several times faster than tarfile on a
+# virtualenv's thousands of files; it refuses member names with `..`, strips leading
+# slashes, and gives the files our own owner.
 
 
 class _Hashing:
@@ -142,100 +279,121 @@ class _Hashing:
         self.out.flush()
 
 
-def _unpack(archive: Path, into: Path) -> None:
-    """GNU tar: several times faster than tarfile on a virtualenv's thousands of files. It
-    refuses member names with `..` and strips leading slashes; files get our own owner."""
-    into.mkdir()
-    done = subprocess.run(
-        ["tar", "--extract", "--gzip", "--file", str(archive), "--directory", str(into),
-         "--no-same-owner", "--no-overwrite-dir"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise ValueError(f"tar: {done.stderr.strip()[-300:]}")
+class _HashingReader:
+    """A readable stream (an S3 body) that hashes and counts what is read from it."""
+
+    def __init__(self, body):
+        self.body, self.digest, self.size = body, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.body.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
 
 
-def _roots(service_dir: Path, home: Path) -> dict[str, Path]:
-    return {"work": service_dir, "home": home}
+def pack(folder: Path, archive: Path) -> tuple[int, str]:
+    """Archive `folder`'s `work/` and `home/` trees; (size, sha256) of the archive."""
+    members = [name for name in ("work", "home") if (folder / name).exists()]
+    with tempfile.TemporaryFile() as errors, archive.open("wb") as raw:
+        tar = subprocess.Popen(
+            ["tar", "--create", "--file", "-", "--directory", str(folder), "--", *members],
+            stdout=subprocess.PIPE, stderr=errors,
+        )  # fmt: skip
+        out = _Hashing(raw)
+        zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).copy_stream(tar.stdout, out)
+        tar.stdout.close()
+        if tar.wait() != 0:
+            errors.seek(0)
+            raise OSError(f"tar: {errors.read().decode(errors='replace').strip()[-300:]}")
+    return out.size, out.digest.hexdigest()
 
 
-def _split(path: str) -> tuple[str, str]:
-    return ("home", path[2:]) if path.startswith("~/") else ("work", path)
+def unpack(stream, into: Path) -> None:
+    """Unpack an archive read from `stream` into the existing folder `into`."""
+    with tempfile.TemporaryFile() as errors:
+        tar = subprocess.Popen(
+            ["tar", "--extract", "--file", "-", "--directory", str(into), "--no-same-owner",
+             "--no-overwrite-dir"],
+            stdin=subprocess.PIPE, stderr=errors,
+        )  # fmt: skip
+        try:
+            zstandard.ZstdDecompressor().copy_stream(stream, tar.stdin)
+            tar.stdin.close()
+        except BrokenPipeError:  # tar stopped reading: its exit says why
+            pass
+        except zstandard.ZstdError as e:
+            tar.kill()
+            raise CorruptArchive(f"zstd: {e}") from None
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                tar.stdin.close()
+            code = tar.wait()
+        if code != 0:
+            errors.seek(0)
+            message = errors.read().decode(errors="replace").strip()[-300:]
+            raise CorruptArchive(f"tar: {message or f'exit {code}'}")
+
+
+# The S3 side.
 
 
 class DependencyCache:
+    """Archives and their entries in S3: restore, save, and management (listing,
+    invalidation, retention)."""
+
     def __init__(self, objects: ObjectStore):
         self.objects = objects
 
-    def restore(self, key: CacheKey, paths: list[str], service_dir: Path, home: Path,
-                scratch: Path) -> tuple[bool, str | None, int]:  # fmt: skip
-        """Put the cached `paths` in place: (hit, reason for a miss, bytes restored)."""
-        archive = scratch / "restore.tar.gz"
+    def download(self, key: CacheKey, into: Path) -> int:
+        """Unpack the key's archive into the existing folder `into`, streaming (download,
+        decompression and unpacking overlap); the archive's size. NotFound when there is
+        none; CorruptArchive when it does not check out (`into` then holds rubbish)."""
+        self.objects.ensure_bucket()
         try:
-            metadata, digest = self.objects.download(key.archive, archive)
-        except NotFound:
-            return False, "absent", 0
-        unpacked = scratch / "restore"
+            resp = self.objects.client.get_object(Bucket=self.objects.bucket, Key=key.archive)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise NotFound(f"no object {key.archive!r}") from None
+            raise
+        reader = _HashingReader(resp["Body"])
         try:
-            if metadata.get("sha256") != digest:
-                log.warning("cache %s: checksum mismatch; treating as a miss", key.archive)
-                return False, "corrupt", 0
-            _unpack(archive, unpacked)
-            # Everything unpacked cleanly: only now do the cached paths move into place.
-            roots = _roots(service_dir, home)
-            for path in paths:
-                root, rel = _split(path)
-                source, target = unpacked / root / rel, roots[root] / rel
-                if not (source.exists() or source.is_symlink()):
-                    continue  # the set-up did not make this one
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(source, target)
-            size = archive.stat().st_size
-        except (ValueError, OSError) as e:  # truncated or damaged gzip/tar
-            log.warning("cache %s unreadable (%s); treating as a miss", key.archive, e)
-            return False, "corrupt", 0
+            unpack(reader, into)
+            while reader.read(1 << 20):  # what tar left unread (padding) counts in the sum too
+                pass
         finally:
-            archive.unlink(missing_ok=True)
-            shutil.rmtree(unpacked, ignore_errors=True)
-        self._touch(key)
-        return True, None, size
+            resp["Body"].close()
+        if resp.get("Metadata", {}).get("sha256") != reader.digest.hexdigest():
+            raise CorruptArchive(f"{key.archive}: checksum mismatch")
+        return reader.size
 
-    def save(self, key: CacheKey, paths: list[str], service_dir: Path, home: Path,
-             scratch: Path) -> int:  # fmt: skip
-        """Archive `paths` and upload them under the key; the archive's size."""
-        archive = scratch / "save.tar.gz"
-        roots = _roots(service_dir, home)
-        with archive.open("wb") as raw:
-            out = _Hashing(raw)
-            # gzip level 3: most of level 9's size at a fraction of its time
-            with (
-                gzip.GzipFile(fileobj=out, mode="wb", compresslevel=3) as gz,
-                tarfile.open(fileobj=gz, mode="w|") as tar,
-            ):
-                for path in paths:
-                    root, rel = _split(path)
-                    source = roots[root] / rel
-                    if source.exists() or source.is_symlink():
-                        tar.add(source, arcname=f"{root}/{rel}")
-        size, digest = out.size, out.digest.hexdigest()
+    def upload(self, key: CacheKey, folder: Path, scratch: Path, *, paths: list[str],
+               service: str = "", repo: str = "", unpacked_bytes: int = 0) -> int:  # fmt: skip
+        """Archive an entry folder (`work/`, `home/`) and upload it under the key, then its
+        JSON entry; the archive's size."""
+        scratch.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=scratch, prefix=f"{key.value}-", suffix=".tar.zst")
+        os.close(fd)
+        archive = Path(name)
         try:
-            self.objects.put_file(key.archive, archive, content_type="application/gzip",
-                                  metadata={"sha256": digest, "service": key.service})  # fmt: skip
+            size, digest = pack(folder, archive)
+            metadata = {"sha256": digest, "namespace": key.namespace}
+            self.objects.put_file(
+                key.archive, archive, content_type="application/zstd", metadata=metadata
+            )
         finally:
             archive.unlink(missing_ok=True)
         now = _now()
         self.objects.put_json(key.entry, {
-            "service": key.service, "key": key.value, "archive": key.archive,
-            "manifests": key.manifests, "runtime": key.runtime, "paths": paths,
-            "created": now, "last_used": now, "size": size, "sha256": digest,
+            "namespace": key.namespace, "repo": repo, "service": service or key.namespace,
+            "key": key.value, "archive": key.archive, "manifests": key.manifests,
+            "runtime": key.runtime, "paths": paths, "created": now, "last_used": now,
+            "size": size, "unpacked_bytes": unpacked_bytes, "sha256": digest,
         })  # fmt: skip
         return size
 
-    def _touch(self, key: CacheKey) -> None:
+    def touch(self, key: CacheKey) -> None:
+        """Record a use (for retention)."""
         try:
             entry = self.objects.get_json(key.entry)
             entry["last_used"] = _now()
@@ -245,21 +403,18 @@ class DependencyCache:
 
     # Management: listing, invalidation, retention.
 
-    def entries(self, service: str | None = None) -> list[dict]:
-        prefix = f"{PREFIX}/{service}/" if service else f"{PREFIX}/"
+    def entries(self, namespace: str | None = None) -> list[dict]:
+        prefix = f"{PREFIX}/{namespace}/" if namespace else f"{PREFIX}/"
         found = []
         for name in self.objects.keys(prefix):
             if name.endswith(".json"):
                 with contextlib.suppress(NotFound):  # removed meanwhile
                     found.append(self.objects.get_json(name))
-        return sorted(found, key=lambda e: (e["service"], e["created"]))
+        return sorted(found, key=lambda e: (e.get("service", ""), e["created"]))
 
     def remove(self, entry: dict) -> None:
-        self.objects.delete(entry["archive"], object_name(entry["service"], entry["key"], "json"))
-
-    def stale(self, service: str, current: str) -> list[dict]:
-        """A service's entries whose key is not the current one."""
-        return [e for e in self.entries(service) if e["key"] != current]
+        archive = entry["archive"]  # also takes entries of the gzip era (<service>/<key>.tar.gz)
+        self.objects.delete(archive, archive.rsplit(".tar.", 1)[0] + ".json")
 
     def unused_since(self, days: float, now: datetime | None = None) -> list[dict]:
         limit = (now or datetime.now(UTC)) - timedelta(days=days)
@@ -268,46 +423,3 @@ class DependencyCache:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def prepare(
-    cache: DependencyCache, key: CacheKey, spec: CacheSpec, service_dir: Path, home: Path,
-    scratch: Path, env: dict[str, str], timeout: float, log_out: BinaryIO,
-    cancel: threading.Event, pgid_file: Path,
-) -> tuple[CacheReport, shell.Outcome]:  # fmt: skip
-    """Restore the dependencies, or fill them with the set-up commands and save them.
-    The set-up's outcome is returned (passed when nothing had to run)."""
-
-    def say(line: str) -> None:
-        log_out.write(f"[faas-ci] {line}\n".encode())
-        log_out.flush()
-
-    report = CacheReport(key=key.value, hit=False)
-    started = time.monotonic()
-    try:
-        hit, reason, size = cache.restore(key, spec.paths, service_dir, home, scratch)
-    except Exception as e:  # S3 away: build without the cache rather than fail the run
-        hit, reason, size = False, "unavailable", 0
-        log.warning("cache restore failed: %s", e)
-    report.hit, report.reason, report.restored_bytes = hit, reason, size
-    report.restore_s = round(time.monotonic() - started, 3)
-    if hit:
-        say(f"cache hit {key.value[:12]}: restored {size} bytes in {report.restore_s:.2f}s; "
-            "set-up skipped")  # fmt: skip
-        return report, shell.Outcome(exit_code=0)
-    say(f"cache miss {key.value[:12]} ({reason}): running the set-up")
-    started = time.monotonic()
-    outcome = shell.run_commands(spec.setup, service_dir, env, timeout, log_out, cancel=cancel,
-                                 pgid_file=pgid_file)  # fmt: skip
-    report.setup_s = round(time.monotonic() - started, 3)
-    if not outcome.passed:
-        return report, outcome
-    started = time.monotonic()
-    try:
-        report.saved_bytes = cache.save(key, spec.paths, service_dir, home, scratch)
-        report.save_s = round(time.monotonic() - started, 3)
-        say(f"cache saved {key.value[:12]}: {report.saved_bytes} bytes in {report.save_s:.2f}s")
-    except Exception as e:  # the stage can go on without a saved cache
-        log.warning("cache save failed: %s", e)
-        say(f"cache not saved: {e}")
-    return report, outcome

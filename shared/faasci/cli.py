@@ -10,13 +10,17 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import requests
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from . import git, pipeline
+from .errors import UserError
 from .invoke import Gateway
 from .local import control
 from .local.config import LocalConfig
@@ -70,7 +74,16 @@ def parser() -> argparse.ArgumentParser:
     command("down", cmd_down, "stop the local stack, keeping its data")
     c = command("run", cmd_run, "run the pipeline of a local path or git URL, wait for the result")
     c.add_argument(
-        "repo", help="a folder (its working tree, uncommitted changes included) or a git URL"
+        "repo",
+        nargs="?",
+        default=".",
+        help="a folder (its working tree, uncommitted changes included) or a git URL "
+        "(default: the current folder)",
+    )
+    c.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the pipeline it would run (as a .faasci.yml) and why; start nothing",
     )
     c.add_argument("--ref", help="branch, tag or commit (default: the working tree, or HEAD)")
     c.add_argument("--follow", action="store_true", help="show live progress per stage")
@@ -139,6 +152,9 @@ def cmd_down(args) -> int:
 
 def cmd_run(args) -> int:
     repo = os.path.abspath(args.repo) if os.path.exists(args.repo) else args.repo
+    if args.explain:
+        print(explain(repo, args.ref), end="")
+        return 0
     body = {"repo": repo, "trigger": "cli", **({"ref": args.ref} if args.ref else {})}
     run = answer(gateway().call("runs", body, timeout=300))
     err.print(
@@ -158,6 +174,27 @@ def cmd_run(args) -> int:
         + (f" in {run['duration_s']:.1f}s" if run.get("duration_s") else "")
     )
     return 0 if run["status"] == "passed" else 1
+
+
+def explain(repo: str, ref: str | None) -> str:
+    """The pipeline a run of `repo` at `ref` would follow, as a pipeline file with the reasons
+    as comments. Resolved here, as the runs function would (the CLI runs next to the
+    repository), with a snapshot store of its own that is thrown away."""
+    with tempfile.TemporaryDirectory(prefix="faasci-explain-") as scratch:
+        try:
+            resolved = git.resolve(repo, ref, Path(scratch) / "snapshots.git", Path(scratch))
+            spec, why = pipeline.explain(
+                resolved.pipeline_text, resolved.files, resolved.name, resolved.read
+            )
+        except UserError as e:
+            raise CommandError(e.message) from None
+        except git.GitError as e:
+            raise CommandError(str(e)) from None
+    where = f"{repo} at {resolved.commit[:12]}" + (
+        " (a snapshot of the working tree)" if resolved.snapshot else f" ({resolved.ref})"
+    )
+    reasons = "".join(f"#   {line}\n" for line in why)
+    return f"# The pipeline of {where}; why:\n{reasons}{spec.to_yaml()}"
 
 
 def follow(run_id: str, timeout: float, live: bool) -> dict:

@@ -39,6 +39,7 @@ def git(
     cwd: Path | str | None = None,
     env: dict | None = None,
     timeout: float = NETWORK_TIMEOUT,
+    strip: bool = True,
 ) -> str:
     try:
         done = subprocess.run(
@@ -46,6 +47,7 @@ def git(
             cwd=cwd,
             capture_output=True,
             text=True,
+            errors="replace",
             timeout=timeout,
             env={**os.environ, **GIT_ENV, **(env or {})},
             stdin=subprocess.DEVNULL,
@@ -54,7 +56,7 @@ def git(
         raise GitError(f"git {args[0]} timed out after {timeout:.0f}s") from None
     if done.returncode != 0:
         raise GitError(f"git {args[0]}: {done.stderr.strip()[-500:]}")
-    return done.stdout.strip()
+    return done.stdout.strip() if strip else done.stdout
 
 
 def validate_ref(ref: str) -> str:
@@ -102,6 +104,18 @@ class Resolved:
     pipeline_text: str | None  # the pipeline file at that commit, if any
     files: set[str]  # names at the service folder's top level
     name: str  # a default service name
+    repository: str = ""  # a local repository holding the commit (while the resolve lasts)
+
+    def read(self, name: str) -> str | None:
+        """The text of a file of the service folder at the commit; None when there is none.
+        A URL's commit is read from the clone in the resolve's scratch folder, so read while
+        that still exists."""
+        prefix = f"{self.path}/" if self.path else ""
+        try:
+            return git("cat-file", "blob", f"{self.commit}:{prefix}{name}",
+                       cwd=self.repository, strip=False)  # fmt: skip
+        except GitError:
+            return None
 
 
 def resolve(repo: str, ref: str | None, snapshots: Path, scratch: Path) -> Resolved:
@@ -194,23 +208,22 @@ def _describe(
     source: str | None = None,
 ) -> Resolved:
     prefix = f"{path}/" if path else ""
-    try:
-        text = git("show", f"{commit}:{prefix}.faasci.yml", cwd=clone_from)
-    except GitError:
-        text = None
     listing = git("ls-tree", "--name-only", commit, "--", prefix or ".", cwd=clone_from)
     files = {os.path.basename(line) for line in listing.splitlines()}
     name = os.path.basename(path or repo.rstrip("/").removesuffix(".git")) or "service"
-    return Resolved(
+    resolved = Resolved(
         source=source or clone_from,
         commit=commit,
         ref=ref,
         path=path,
         snapshot=snapshot,
-        pipeline_text=text,
+        pipeline_text=None,
         files=files,
         name=name,
+        repository=clone_from,
     )
+    resolved.pipeline_text = resolved.read(".faasci.yml")
+    return resolved
 
 
 def checkout(source: str, commit: str, dest: Path) -> None:

@@ -1,27 +1,36 @@
-"""The cache-invalidator function's work: drop cache entries that no longer match a
-repository's manifests, and those unused for longer than the retention period.
+"""The cache-invalidator function's work: drop a repository's cache entries that nothing
+needs any more, and entries unused for longer than the retention period.
 
-  POST /        {"repo", "commit" or "ref", "changed": [paths]}   (from the webhook on a push)
-  POST /purge   {"service"?, "older_than_days"?, "all"?}          (people: faasci cache purge)
-  GET  /        the entries (?service=)                           (faasci cache ls)
+A key is needed while the head of some branch of the repository computes it (for any
+stage that uses the cache), or while a run of the repository used it in the last
+RECENT_RUN_DAYS. Everything else in the repository's namespace goes. So a push to a
+feature branch that changes a manifest never removes the key the main branch uses.
+
+  POST /        {"repo", "commit" or "ref", "changed"?: [paths]}  (a push; `faasci run`)
+  POST /purge   {"service"?, "repo"?, "older_than_days"?, "all"?} (people: faasci cache purge)
+  GET  /        the entries (?service=, ?repo=)                   (faasci cache ls)
   cron          every configured repository checked, then retention
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
-from . import cache, git, pipeline
+from . import cache, git, pipeline, runs, services
 from .api import json_body, string_field
 from .errors import NotFound, UserError
-from .services import dependency_cache
+from .sandbox import stage_path
 from .settings import settings
 
 log = logging.getLogger("faasci.invalidation")
+
+RECENT_RUN_DAYS = 7
 
 
 def retention_days() -> float:
@@ -31,7 +40,8 @@ def retention_days() -> float:
 def route(event) -> dict:
     parts = [p for p in event.path.split("/") if p]
     if event.method == "GET" and not parts:
-        return {"entries": dependency_cache().entries(event.query.get("service") or None)}
+        return {"entries": listed(event.query.get("service") or None,
+                                  event.query.get("repo") or None)}  # fmt: skip
     if event.method == "POST" and not parts:
         body = json_body(event)
         changed = body.get("changed")
@@ -47,29 +57,119 @@ def route(event) -> dict:
     raise NotFound(f"no route {event.method} {event.path}", field="path")
 
 
+def listed(service: str | None = None, repo: str | None = None) -> list[dict]:
+    entries = services.dependency_cache().entries(cache.namespace_of(repo) if repo else None)
+    return [e for e in entries if service is None or e.get("service") == service]
+
+
 def check(repo: str, ref: str | None, changed: list[str] | None = None) -> dict:
-    """Remove the repository's entries whose key does not match its manifests at `ref`."""
+    """Remove the repository's entries that no branch head and no recent run needs. With
+    `changed` (a push's paths), only when one of them is a manifest or the pipeline file."""
     s = settings()
     s.workdir.mkdir(parents=True, exist_ok=True)
+    namespace = cache.namespace_of(repo)
     with tempfile.TemporaryDirectory(dir=s.workdir, prefix="invalidate-") as scratch:
         resolved = git.resolve(repo, ref, s.snapshots, scratch=Path(scratch))
-        spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name)
-        if spec.cache is None:
-            return {"repo": repo, "service": spec.service, "removed": [], "reason": "no cache"}
-        checkout = Path(scratch) / "src"
-        git.checkout(resolved.source, resolved.commit, checkout)
-        service_dir = checkout / resolved.path
-        patterns = cache.manifest_patterns(spec.cache, service_dir)
-        if changed is not None and not _touches(changed, resolved.path, patterns):
-            return {"repo": repo, "service": spec.service, "removed": [],
-                    "reason": "no manifest changed"}  # fmt: skip
-        key = cache.compute_key(spec.service, spec.cache, service_dir)
-    removed = dependency_cache().stale(spec.service, key.value)
-    for entry in removed:
-        dependency_cache().remove(entry)
-    log.info("%s: removed %d stale cache entries", spec.service, len(removed))
-    return {"repo": repo, "service": spec.service, "commit": resolved.commit,
-            "current": key.value, "removed": [_brief(e) for e in removed]}  # fmt: skip
+        spec = _pipeline_at(resolved)
+        result = {"repo": repo, "namespace": namespace, "commit": resolved.commit,
+                  "service": spec.service if spec else None, "removed": [], "kept": []}  # fmt: skip
+        cspec = spec.cache if spec else None
+        patterns = cache.manifest_patterns(cspec, resolved.files) if cspec else []
+        if changed is not None and not _touches(changed, resolved.path,
+                                                [*patterns, pipeline.FILENAME]):  # fmt: skip
+            return {**result, "reason": "no manifest changed"}
+        entries = services.dependency_cache().entries(namespace)
+        if not entries:
+            return {**result, "reason": "no entries"}
+        current = _keys(namespace, resolved, spec)
+        # Cheapest first: branch heads only when the commit's keys leave entries over, the
+        # recent runs only when the branches do.
+        needed, unneeded = set(current), [e for e in entries if e["key"] not in current]
+        if unneeded:
+            repository, heads = _branch_heads(repo, resolved)
+            for head in heads:
+                branch = _at(resolved, repository, head)
+                needed |= _keys(namespace, branch, _pipeline_at(branch))
+            unneeded = [e for e in unneeded if e["key"] not in needed]
+    if unneeded:
+        needed |= recent_keys(namespace)
+        unneeded = [e for e in unneeded if e["key"] not in needed]
+    for entry in unneeded:
+        services.dependency_cache().remove(entry)
+    log.info("%s: removed %d cache entries no branch or recent run needs", repo, len(unneeded))
+    return {**result, "current": sorted(current),
+            "kept": sorted(e["key"] for e in entries if e not in unneeded),
+            "removed": [_brief(e) for e in unneeded]}  # fmt: skip
+
+
+def _at(resolved: git.Resolved, repository: str, commit: str) -> git.Resolved:
+    """The same service folder at another commit (read from `repository`)."""
+    prefix = f"{resolved.path}/" if resolved.path else ""
+    listing = git.git("ls-tree", "--name-only", commit, "--", prefix or ".", cwd=repository)
+    files = {os.path.basename(name) for name in listing.splitlines()}
+    other = dataclasses.replace(resolved, commit=commit, repository=repository, files=files)
+    other.pipeline_text = other.read(pipeline.FILENAME)
+    return other
+
+
+def _pipeline_at(resolved: git.Resolved) -> pipeline.Pipeline | None:
+    """The pipeline a run of that commit would have (None when it cannot run)."""
+    try:
+        return pipeline.load(resolved.pipeline_text, resolved.files, resolved.name, resolved.read)
+    except UserError as e:  # a broken pipeline file runs nothing, so needs no cache
+        log.info("%s at %s: no pipeline (%s)", resolved.source, resolved.commit[:12], e)
+        return None
+
+
+def _keys(namespace: str, resolved: git.Resolved, spec: pipeline.Pipeline | None) -> set[str]:
+    """The keys the stages of that commit compute (one per image used)."""
+    if spec is None or spec.cache is None:
+        return set()
+    s = settings()
+    manifests = cache.manifests_at_commit(spec.cache, resolved.repository, resolved.commit,
+                                          resolved.path)  # fmt: skip
+    path = runtime_path(s.workspace / "src" / resolved.path if resolved.path
+                        else s.workspace / "src")  # fmt: skip
+    return {
+        cache.compute_key(namespace, spec.cache, manifests,
+                          cache.stage_runtime(path, s.workspace, stage.image)).value
+        for stage in spec.stages.values()
+        if stage.cache
+    }  # fmt: skip
+
+
+def runtime_path(service_dir: Path) -> str:
+    """The PATH a stage of this node has (what its key's runtime is probed on)."""
+    return stage_path(service_dir)
+
+
+def _branch_heads(repo: str, resolved: git.Resolved) -> tuple[str, list[str]]:
+    """Where the repository's branches are, and their heads: git.resolve's clone of a URL
+    (it holds every branch), or the local repository itself (not the snapshot store)."""
+    where = resolved.repository
+    if resolved.snapshot:
+        where = git.git("rev-parse", "--show-toplevel", cwd=repo)
+    heads = git.git("for-each-ref", "--format=%(objectname)", "refs/heads/", cwd=where)
+    return where, sorted(set(heads.split()) - {resolved.commit})
+
+
+def recent_keys(namespace: str, days: float = RECENT_RUN_DAYS) -> set[str]:
+    """The keys recorded by the repository's runs of the last `days`."""
+    found = set()
+    for run in _runs_since(days):
+        if cache.namespace_of(run.repo) != namespace:
+            continue
+        for stage in run.stages:
+            for attempt in stage.attempts:
+                if attempt.cache and attempt.cache.get("key"):
+                    found.add(attempt.cache["key"])
+    return found
+
+
+def _runs_since(days: float) -> list[runs.Run]:
+    """Runs created in the last `days`."""
+    oldest = (runs.now() - timedelta(days=days)).strftime("%Y%m%d-%H%M%S-")
+    return services.run_store().list(limit=10**9, since=oldest)
 
 
 def _touches(changed: list[str], service_path: str, patterns: list[str]) -> bool:
@@ -80,18 +180,22 @@ def _touches(changed: list[str], service_path: str, patterns: list[str]) -> bool
 
 
 def purge(body: dict) -> dict:
-    service, days, everything = body.get("service"), body.get("older_than_days"), body.get("all")
-    if service is not None and not isinstance(service, str):
-        raise UserError("service must be a string", field="service")
+    service, repo = body.get("service"), body.get("repo")
+    days, everything = body.get("older_than_days"), body.get("all")
+    for name, value in (("service", service), ("repo", repo)):
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{name} must be a string", field=name)
     if days is not None and (not isinstance(days, int | float) or days < 0):
         raise UserError("older_than_days must be a non-negative number", field="older_than_days")
-    if not (service or days is not None or everything is True):
-        raise UserError('say what to purge: "service", "older_than_days" or "all": true',
-                        field="body")  # fmt: skip
-    store = dependency_cache()
+    if not (service or repo or days is not None or everything is True):
+        raise UserError('say what to purge: "service", "repo", "older_than_days" or '
+                        '"all": true', field="body")  # fmt: skip
+    store = services.dependency_cache()
     chosen = store.unused_since(days) if days is not None else store.entries()
     if service:
-        chosen = [e for e in chosen if e["service"] == service]
+        chosen = [e for e in chosen if e.get("service") == service]
+    if repo:
+        chosen = [e for e in chosen if e.get("namespace") == cache.namespace_of(repo)]
     for entry in chosen:
         store.remove(entry)
     return {"removed": [_brief(e) for e in chosen]}
@@ -111,4 +215,21 @@ def scheduled() -> dict:
 
 
 def _brief(entry: dict) -> dict:
-    return {k: entry[k] for k in ("service", "key", "size", "created", "last_used")}
+    fields = ("namespace", "repo", "service", "key", "size", "created", "last_used")
+    return {k: entry.get(k) for k in fields}
+
+
+def request_check(run: runs.Run, changed: list[str] | None = None) -> None:
+    """After a run has started: have the invalidator check its repository, as a push does,
+    so the key of a changed manifest counts and what nothing needs goes. Asynchronous, and
+    never a reason for the run not to start."""
+    if run.pipeline.cache is None:
+        return
+    # A snapshot's commit lives only in this function's snapshot store: name the working tree.
+    body = {"repo": run.repo} if run.snapshot else {"repo": run.repo, "commit": run.commit}
+    if changed:
+        body["changed"] = changed
+    try:
+        services.gateway().call_async("cache-invalidator", body, call_id=f"{run.id}.invalidate")
+    except Exception as e:
+        log.warning("run %s: could not ask for a cache check: %s", run.id, e)

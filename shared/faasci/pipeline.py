@@ -7,6 +7,7 @@
 
 Listed stages run in the canonical order of faasci.STAGES; unlisted ones are skipped.
 Unknown keys are kept (later features read them) but never change these keys' meaning.
+Without a file, `default` derives the pipeline from what the commit holds, and says why.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from pydantic import (
     field_validator,
 )
 
-from . import STAGES
+from . import STAGES, defaults
+from .defaults import FILENAME, Reader
 from .errors import Unprocessable
-
-FILENAME = ".faasci.yml"
 
 RetryReason = Literal["exit", "timeout", "infra"]
 
@@ -58,27 +58,6 @@ class Backoff(BaseModel):
     def delay(self, failed_attempt: int) -> float:
         base = min(self.max_s, self.initial_s * self.factor ** (failed_attempt - 1))
         return round(base * (1 - self.jitter * random.random()), 3)
-
-
-# Files whose contents key a dependency cache when the pipeline file names none.
-DEFAULT_MANIFESTS = {
-    "python": ["requirements*.txt", "pyproject.toml", "setup.py", "setup.cfg", "poetry.lock",
-               "uv.lock", "Pipfile.lock"],
-    "node": ["package.json", "package-lock.json", "npm-shrinkwrap.json", "yarn.lock",
-             "pnpm-lock.yaml"],
-    "go": ["go.mod", "go.sum"],
-    "rust": ["Cargo.toml", "Cargo.lock"],
-}  # fmt: skip
-PROJECT_MARKERS = {
-    "node": {"package.json"},
-    "python": {"pyproject.toml", "setup.py", "setup.cfg", "requirements.txt"},
-    "go": {"go.mod"},
-    "rust": {"Cargo.toml"},
-}
-
-
-def project_type(files: set[str]) -> str | None:
-    return next((kind for kind, markers in PROJECT_MARKERS.items() if files & markers), None)
 
 
 class CacheSpec(BaseModel):
@@ -162,6 +141,11 @@ class Pipeline(BaseModel):
     def stage_names(self) -> list[str]:
         return list(self.stages)
 
+    def to_yaml(self) -> str:
+        """The pipeline as a pipeline file would say it (values left at their default omitted)."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        return yaml.safe_dump(data, sort_keys=False, width=1000)
+
 
 def parse(text: str, default_service: str) -> Pipeline:
     """Parse a pipeline file; errors name the offending field."""
@@ -188,22 +172,22 @@ def validate(data: dict) -> Pipeline:
         raise Unprocessable(f"{FILENAME}: {field}: {first['msg']}", field=field) from None
 
 
-def load(text: str | None, files: set[str], service: str) -> Pipeline:
-    """A repository's pipeline: its pipeline file when it has one, else the default."""
-    return parse(text, service) if text is not None else default(files, service)
+def load(text: str | None, files: set[str], service: str, read: Reader | None = None) -> Pipeline:
+    """A repository's pipeline: its pipeline file when it has one, else the default (which
+    reads the project's manifests with `read`)."""
+    return explain(text, files, service, read)[0]
 
 
-def default(files: set[str], service: str) -> Pipeline:
-    """The pipeline for a repository without a pipeline file, from the files at its root."""
-    kind = project_type(files)
-    if kind == "node":
-        stages = {"lint": ["npm ci", "npm run lint"], "unit": ["npm ci", "npm test"]}
-    elif kind == "python":
-        stages = {"lint": ["ruff check ."], "unit": ["python -m pytest -q"]}
-    else:
-        raise Unprocessable(
-            f"no {FILENAME} and no recognised project (pyproject.toml, setup.py, "
-            "requirements.txt or package.json) at the repository root",
-            field=FILENAME,
-        )
-    return validate({"service": service, "stages": {k: {"run": v} for k, v in stages.items()}})
+def explain(
+    text: str | None, files: set[str], service: str, read: Reader | None = None
+) -> tuple[Pipeline, list[str]]:
+    """`load`, and why the pipeline is what it is (`faasci run --explain`)."""
+    if text is None:
+        data, why = defaults.derive(files, read or (lambda name: None))
+        return validate({"service": service, **data}), why
+    return parse(text, service), [f"the commit's {FILENAME}"]
+
+
+def default(files: set[str], service: str, read: Reader | None = None) -> Pipeline:
+    """The pipeline for a repository without a pipeline file (see faasci.defaults)."""
+    return explain(None, files, service, read)[0]

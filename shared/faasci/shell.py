@@ -1,10 +1,12 @@
 """Running a stage's commands: each in its own process group, all within one deadline.
 
-On a timeout or a cancel the whole group is killed (TERM, then KILL after a grace
-period), so a test runner's children die with it. Whatever a command leaves running in
-its group is killed when it ends, as CI runners do. The running group's id is written to
-`pgid_file`, so whoever outlives this process (the local provider, when a function
-process dies) can kill the group too, as a container's death would.
+`launch` starts one command (a stage's: in its sandbox, see faasci.sandbox; `plain`: a
+shell in a folder). On a timeout or a cancel every process of the command is asked to
+stop (TERM), then the group is killed after a grace period, so a test runner's children
+die with it. Whatever a command leaves running in its group is killed when it ends, as
+CI runners do. The running group's id is written to `pgid_file`, so whoever outlives
+this process (the local provider, when a function process dies) can kill the group too,
+as a container's death would.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
+
+import psutil
 
 KILL_GRACE_S = 5
 POLL_S = 0.2
@@ -35,7 +40,64 @@ class Outcome:
         return self.exit_code == 0 and not (self.timed_out or self.cancelled)
 
 
-def run_commands(commands: list[str], cwd: Path, env: dict[str, str], timeout: float,
+class Running(Protocol):
+    """A started command: a process group, or a container."""
+
+    group: int | None  # the process group to kill if this process dies first
+
+    def wait(self, timeout: float) -> int | None: ...  # its exit code; None while it runs
+
+    def stop(self) -> None: ...  # TERM, then KILL after the grace period
+
+    def kill(self) -> None: ...  # whatever is left of it, at once
+
+
+Launch = Callable[[str, dict[str, str], BinaryIO], Running]
+
+
+class Process:
+    """A command's process group (the process is its session's leader)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.group = proc, proc.pid
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        """TERM every process of the command, KILL the group if it is still there after
+        the grace period. A sandbox's `unshare` is spared the TERM: its death would SIGKILL
+        the rest at once, with no time to clean up."""
+        with contextlib.suppress(psutil.Error):
+            leader = psutil.Process(self.proc.pid)
+            for member in [leader, *leader.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    if member.name() != "unshare":
+                        member.terminate()
+        self.wait(KILL_GRACE_S)
+        self.kill()
+        self.proc.wait()
+
+    def kill(self) -> None:
+        kill_group(self.proc.pid, signal.SIGKILL)
+
+
+def plain(cwd: Path) -> Launch:
+    """Commands run by /bin/sh in `cwd`, each the leader of a new session."""
+
+    def launch(command: str, env: dict[str, str], log: BinaryIO) -> Process:
+        return Process(subprocess.Popen(
+            ["/bin/sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))  # fmt: skip
+
+    return launch
+
+
+def run_commands(commands: list[str], launch: Launch, env: dict[str, str], timeout: float,
                  log: BinaryIO, cancel: threading.Event | None = None,
                  pgid_file: Path | None = None) -> Outcome:  # fmt: skip
     cancel = cancel or threading.Event()
@@ -43,16 +105,13 @@ def run_commands(commands: list[str], cwd: Path, env: dict[str, str], timeout: f
     for command in commands:
         log.write(f"$ {command}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        if pgid_file:
-            pgid_file.write_text(str(proc.pid))
+        running = launch(command, env, log)
+        if pgid_file and running.group:
+            pgid_file.write_text(str(running.group))
         try:
-            code = _wait(proc, deadline, cancel)
+            code = _wait(running, deadline, cancel)
         finally:
-            kill_group(proc.pid, signal.SIGKILL)
+            running.kill()
             if pgid_file:
                 pgid_file.unlink(missing_ok=True)
         if code == "timeout":
@@ -67,25 +126,15 @@ def run_commands(commands: list[str], cwd: Path, env: dict[str, str], timeout: f
     return Outcome(exit_code=0)
 
 
-def _wait(proc: subprocess.Popen, deadline: float, cancel: threading.Event) -> int | str:
-    """The exit code, or "timeout"/"cancelled" after killing the group."""
+def _wait(running: Running, deadline: float, cancel: threading.Event) -> int | str:
+    """The exit code, or "timeout"/"cancelled" after stopping the command."""
     while True:
-        try:
-            return proc.wait(timeout=max(min(POLL_S, deadline - time.monotonic()), 0))
-        except subprocess.TimeoutExpired:
-            pass
+        code = running.wait(timeout=max(min(POLL_S, deadline - time.monotonic()), 0))
+        if code is not None:
+            return code
         if cancel.is_set() or time.monotonic() >= deadline:
-            stop_group(proc)
+            running.stop()
             return "cancelled" if cancel.is_set() else "timeout"
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """TERM the process group, KILL it if it is still there after the grace period."""
-    kill_group(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=KILL_GRACE_S)
-    kill_group(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:

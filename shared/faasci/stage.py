@@ -12,12 +12,12 @@ records the attempt as lost, which is retried like any infrastructure failure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
 import socket
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -26,6 +26,7 @@ from pathlib import Path
 from . import cache, git, runs, services, shell, timers
 from .invoke import InvocationError
 from .runs import Next, Run
+from .sandbox import ImageSandbox, Overlay, Sandbox, SandboxError, stage_path
 from .settings import settings
 
 log = logging.getLogger("faasci.stage")
@@ -64,7 +65,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     log.info("run %s: %s attempt %d started", run_id, stage, number)
     arm_lease(run_id, stage, number)
     workdir = settings().workdir / f"{run_id}-{stage}-{number}"
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_tree(workdir)
     workdir.mkdir(parents=True)
     log_file = workdir / "stage.log"
     started = time.monotonic()
@@ -84,7 +85,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
             reason, error, key, link = "infra", f"storing the log failed: {e}", None, None
     finally:
         watcher.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)
 
     status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
     run, following = store.update(
@@ -157,38 +158,39 @@ class Watcher(threading.Thread):
 
 
 def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher):
-    """Check out, restore or set up the dependencies, run the commands. Returns (outcome,
-    failure reason or None, error line or None, cache report or None)."""
+    """Check out, restore or set up the dependencies, run the commands in the stage's
+    sandbox. Returns (outcome, failure reason or None, error line or None, cache report or
+    None)."""
     spec = run.pipeline.stages[stage]
-    deadline = time.monotonic() + spec.timeout
-    checkout = workdir / "src"
+    box = (ImageSandbox(workdir, run.path, image=spec.image) if spec.image
+           else Sandbox(workdir, run.path))  # fmt: skip
     try:
-        git.checkout(run.source, run.commit, checkout)
+        git.checkout(run.source, run.commit, box.src)
     except git.GitError as e:
         out.write(f"[faas-ci] {e}\n".encode())
         return shell.Outcome(exit_code=None), "infra", str(e), None
-    out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}\n".encode())
-    home, service_dir = workdir / "home", checkout / run.path
-    home.mkdir()
-    env = _command_env(run, stage, number, home)
+    out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}"
+              f"{f' in {spec.image}' if spec.image else ''}\n".encode())  # fmt: skip
     report = None
     try:
-        outcome = shell.Outcome(exit_code=0)
-        if run.pipeline.cache and spec.cache:
-            key = cache.compute_key(run.service, run.pipeline.cache, service_dir)
-            report, outcome = cache.prepare(
-                services.dependency_cache(), key, run.pipeline.cache, service_dir, home, workdir,
-                env, spec.timeout, out, watcher.stop_commands, workdir / "pgid",
-            )  # fmt: skip
-            report = report.model_dump()
-        if outcome.passed:
-            outcome = shell.run_commands(
-                spec.run, service_dir, env, max(deadline - time.monotonic(), 0), out,
-                cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
-            )  # fmt: skip
-    except OSError as e:  # e.g. the service folder is missing at this commit
+        env = _command_env(run, stage, number, box)
+        with contextlib.ExitStack() as held:  # the cache entry stays ours while in use
+            outcome, commands = shell.Outcome(exit_code=0), list(spec.run)
+            if run.pipeline.cache and spec.cache:
+                report, outcome = _dependencies(run, spec, box, env, out, watcher, held)
+                commands = [*run.pipeline.cache.prepare, *commands]
+            if outcome.passed:
+                box.prepare()
+                outcome = shell.run_commands(
+                    commands, box.launch, env, spec.timeout, out,
+                    cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
+                )  # fmt: skip
+    except (OSError, SandboxError) as e:  # e.g. the service folder is missing at this commit
         out.write(f"[faas-ci] cannot run commands: {e}\n".encode())
         return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report
+    report = report and report.model_dump()
+    if box.failed():
+        return outcome, "infra", "the stage sandbox could not be set up (see the log)", report
     if outcome.cancelled:
         return outcome, "cancelled", "cancelled while running", report
     if outcome.timed_out:
@@ -199,12 +201,74 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
     return outcome, None, None, report
 
 
-def _command_env(run: Run, stage: str, number: int, home: Path) -> dict[str, str]:
-    """A clean environment: the function's own settings and secrets never reach commands."""
-    tools = os.path.dirname(sys.executable)  # python, pytest and ruff of this installation
+def _dependencies(
+    run: Run, spec, box: Sandbox, env: dict[str, str], out, watcher: Watcher,
+    held: contextlib.ExitStack,
+) -> tuple[cache.CacheReport, shell.Outcome]:  # fmt: skip
+    """Put the dependency cache in place: restored (overlay-mounted from the node-local
+    layer, filled from S3 when the node lacks it), or made by the set-up, under its own
+    timeout, and kept."""
+
+    def say(line: str) -> None:
+        out.write(f"[faas-ci] {line}\n".encode())
+        out.flush()
+
+    cspec, real_dir = run.pipeline.cache, box.src / run.path
+    key = cache.compute_key(
+        cache.namespace_of(run.repo), cspec, cache.manifests_in_dir(cspec, real_dir),
+        cache.stage_runtime(env["PATH"], settings().workspace, spec.image),
+    )  # fmt: skip
+    node = services.node_cache()
+    entry = held.enter_context(node.use(key))
+    report = cache.CacheReport(key=key.value, hit=entry is not None)
+    if entry is not None:
+        report.source, report.restored_bytes = entry.source, entry.restored_bytes
+        report.restore_s = entry.restore_s
+        say(f"cache hit {key.value[:12]} ({entry.source}, {entry.restore_s * 1000:.0f} ms)")
+    else:
+        report.reason = node.miss_reason(key)
+        say(f"cache miss {key.value[:12]} ({report.reason}): running the set-up")
+        box.prepare()
+        started = time.monotonic()
+        outcome = shell.run_commands(
+            cspec.setup, box.launch, env, cspec.setup_timeout, out,
+            cancel=watcher.stop_commands, pgid_file=box.attempt / "pgid",
+        )  # fmt: skip
+        report.setup_s = round(time.monotonic() - started, 3)
+        if not outcome.passed:
+            return report, outcome
+        # Kept on this node at once; the upload to S3 goes on while the commands run.
+        entry = node.adopt(key, {"work": real_dir, "home": box.home}, cspec.paths,
+                           service=run.service, repo=run.repo, wait=False)  # fmt: skip
+        held.callback(_saved, entry, report)
+        say(f"cache kept {key.value[:12]} on this node ({entry.size} bytes); uploading")
+    roots = {"work": real_dir, "home": box.home}
+    box.overlays = [
+        Overlay(entry.path(path), roots[root] / rel)
+        for path in cspec.paths
+        for root, rel in [cache.split_path(path)]
+        if entry.path(path).is_dir()
+    ]
+    for path in cspec.paths:  # a cached file (not a folder) is copied in
+        root, rel = cache.split_path(path)
+        if entry.path(path).is_file():
+            (roots[root] / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry.path(path), roots[root] / rel)
+    return report, shell.Outcome(exit_code=0)
+
+
+def _saved(entry, report: cache.CacheReport) -> None:
+    """Once the commands are done: wait for the cache's upload, for the record."""
+    entry.wait_saved()
+    report.saved_bytes, report.save_s = entry.saved_bytes, entry.save_s
+
+
+def _command_env(run: Run, stage: str, number: int, box: Sandbox) -> dict[str, str]:
+    """A clean environment: the project's tools, never faas-ci's own interpreter, packages,
+    settings or secrets."""
     return {
-        "PATH": f"{tools}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
-        "HOME": str(home),
+        "PATH": stage_path(box.service_dir, box.system_path()),
+        "HOME": str(box.workspace / "home"),
         "LANG": "C.UTF-8",
         **run.pipeline.env,
         "CI": "true",
@@ -215,7 +279,21 @@ def _command_env(run: Run, stage: str, number: int, home: Path) -> dict[str, str
         "FAASCI_ATTEMPT": str(number),
         "FAASCI_COMMIT": run.commit,
         "FAASCI_REF": run.ref,
+        "FAASCI_WORKSPACE": str(box.workspace / "src"),
     }
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that also takes the mode-0 folders overlayfs leaves in its work folders."""
+
+    def unlock(func, failed, _exc):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            os.chmod(failed, 0o700)
+            shutil.rmtree(failed) if os.path.isdir(failed) else os.unlink(failed)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=unlock)
 
 
 def _tail(path: Path) -> str:

@@ -83,8 +83,9 @@ class RunStore:
 
         return self.bus.call(_update, patience=PATIENCE_S)
 
-    def list(self, limit: int = 50) -> list[Run]:
-        """The newest runs first (run ids sort by creation time)."""
+    def list(self, limit: int = 50, since: str = "") -> list[Run]:
+        """The newest runs first, at most `limit`, none older than the run id `since` (run
+        ids sort by creation time: "20261127-" is the 27th of November 2026 on)."""
 
         async def _list():
             kv = await self._kv()
@@ -93,8 +94,8 @@ class RunStore:
             except NoKeysError:  # an empty bucket
                 return []
             runs = []
-            for key in sorted(keys, reverse=True)[:limit]:
-                with contextlib.suppress(NotFound):  # deleted between listing and reading
+            for key in sorted((k for k in keys if k >= since), reverse=True)[:limit]:
+                with contextlib.suppress(NotFound, ValueError):  # deleted meanwhile; not a run
                     runs.append((await self._get(key))[0])
             return runs
 

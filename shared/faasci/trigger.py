@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from . import git, pipeline, services
+from . import git, invalidation, pipeline, services
 from .errors import Unprocessable
 from .runs import Run, new_run
 from .settings import settings
@@ -24,16 +24,19 @@ def start_run(
     only: str | None = None,
     commit: str | None = None,
     dispatch_first: bool = True,
+    changed: list[str] | None = None,
 ) -> Run:
     """Create a run of `repo` at `ref` (or at `commit`, recorded under `ref`).
 
     `only` makes a single-stage run (an HTTP invocation of one stage); `dispatch_first=False`
-    leaves the first stage queued for the caller to execute."""
+    leaves the first stage queued for the caller to execute. `changed` (a push's paths) lets
+    the cache check skip a push that touches no manifest."""
     s = settings()
     s.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=s.workdir, prefix="resolve-") as scratch:
         resolved = git.resolve(repo, commit or ref, s.snapshots, scratch=Path(scratch))
-    spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name)
+        # Inside: a URL's commit is read from the clone in `scratch`.
+        spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name, resolved.read)
     if only and only not in spec.stages:
         raise Unprocessable(f"the pipeline of {repo} has no stage {only!r}", field="stage")
     run = new_run(
@@ -51,6 +54,7 @@ def start_run(
     log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
     if dispatch_first:
         dispatch(run.id, run.stages[0].name, 1)
+    invalidation.request_check(run, changed)  # a changed manifest's key counts
     return run
 
 

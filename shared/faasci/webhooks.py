@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .errors import UserError
-from .stage import invoke_with_retries
 from .trigger import start_run
 
 ZERO_SHA = "0" * 40
@@ -26,12 +25,8 @@ def on_push(event: dict) -> dict:
     if after is not None and not (isinstance(after, str) and len(after) == 40):
         raise UserError("push event after must be a 40-character commit sha", field="after")
     name = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
-    run = start_run(url, name, trigger="push", commit=after)
-    changed = changed_paths(event)
-    if changed:  # the cache-invalidator decides whether a manifest is among them
-        invoke_with_retries("cache-invalidator",
-                            {"repo": url, "commit": run.commit, "changed": changed},
-                            f"{run.id}.invalidate")  # fmt: skip
+    # The cache-invalidator decides whether a manifest is among the changed paths.
+    run = start_run(url, name, trigger="push", commit=after, changed=changed_paths(event) or None)
     return {"statusCode": 202, "body": {"run_id": run.id, "commit": run.commit, "ref": run.ref}}
 
 

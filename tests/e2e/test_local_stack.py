@@ -134,11 +134,11 @@ def test_a_killed_function_is_restarted(gateway):
     assert resp.status_code == 404 and resp.json()["error"].startswith("no object")
 
 
-def test_a_run_survives_a_restart_of_the_whole_stack(other_stack, make_repo, tmp_path):
+def test_a_run_survives_a_restart_of_the_whole_stack(other_stack, make_repo, outside):
     """faasci down in the middle of a stage, then up: the stage finishes within its drain
     (its hand-off reaches the draining gateway's queue), the queued work and the run record
     survive, and the run finishes with the stage's commands completed once."""
-    starts, marker = tmp_path / "starts", tmp_path / "marker"
+    starts, marker = outside / "starts", outside / "marker"
     repo = make_repo({".faasci.yml": f"""\
 service: restart
 stages:

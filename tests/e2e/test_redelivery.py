@@ -34,10 +34,10 @@ def marking_pipeline(make_repo, markers, unit: str = "true") -> str:
     return make_repo({".faasci.yml": f"service: redelivery\nstages:\n{stages}"})
 
 
-def test_every_stage_delivered_again_after_the_run_runs_nothing(gateway, make_repo, tmp_path,
+def test_every_stage_delivered_again_after_the_run_runs_nothing(gateway, make_repo, outside,
                                                                callback_receiver):  # fmt: skip
     """Each of the six hand-offs delivered twice more after the run passed: all 409."""
-    markers = tmp_path / "markers"
+    markers = outside / "markers"
     repo = marking_pipeline(make_repo, markers)
     run_id = gateway.call("runs", {"repo": str(repo)}).json()["id"]
     final = wait_for_run(gateway, run_id)
@@ -50,11 +50,11 @@ def test_every_stage_delivered_again_after_the_run_runs_nothing(gateway, make_re
     assert gateway.call("runs", method="GET", path=run_id).json() == final
 
 
-def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, tmp_path, callback_receiver):
+def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, outside, callback_receiver):
     """Two more deliveries of a running stage's attempt: 409, the stage and what follows it
     run once, the run passes."""
-    markers = tmp_path / "markers"
-    started = tmp_path / "started"
+    markers = outside / "markers"
+    started = outside / "started"
     repo = marking_pipeline(make_repo, markers, unit=f"touch {started}; sleep 3")
     run_id = gateway.call("runs", {"repo": str(repo)}).json()["id"]
     deadline = time.monotonic() + 60
@@ -70,11 +70,11 @@ def test_duplicates_while_a_stage_runs_are_refused(gateway, make_repo, tmp_path,
     assert Counter(markers.read_text().splitlines()) == {f"{s} 1": 1 for s in STAGES}
 
 
-def test_a_late_delivery_of_an_earlier_attempt_is_harmless(gateway, make_repo, tmp_path,
+def test_a_late_delivery_of_an_earlier_attempt_is_harmless(gateway, make_repo, outside,
                                                           callback_receiver):  # fmt: skip
     """Attempt 1 of a stage that failed and passed on attempt 2, delivered again: 409."""
-    markers = tmp_path / "markers"
-    flag = tmp_path / "failed-once"
+    markers = outside / "markers"
+    flag = outside / "failed-once"
     repo = marking_pipeline(make_repo, markers,
                             unit=f"test -e {flag} || {{ touch {flag}; exit 1; }}")  # fmt: skip
     run_id = gateway.call("runs", {"repo": str(repo)}).json()["id"]

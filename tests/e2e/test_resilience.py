@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import wait_for_run
 
@@ -41,9 +42,9 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.2)
 
 
-def test_a_flaky_stage_passes_on_its_third_attempt(gateway, make_repo, tmp_path):
+def test_a_flaky_stage_passes_on_its_third_attempt(gateway, make_repo, outside):
     """Failing twice then passing (retry_on exit) ends passed with three attempts recorded."""
-    count = tmp_path / "count"
+    count = outside / "count"
     repo = pipeline_repo(make_repo, f"""\
   unit:
     run: ["n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; \
@@ -75,10 +76,10 @@ def _seconds_between(a: str, b: str) -> float:
     return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
 
 
-def test_killed_function_process_does_not_lose_the_run(gateway, make_repo, tmp_path):
+def test_killed_function_process_does_not_lose_the_run(gateway, make_repo, outside):
     """SIGKILL of the function running a stage: the run still passes and the stage's
     commands ran to completion exactly once."""
-    starts, marker = tmp_path / "starts", tmp_path / "marker"
+    starts, marker = outside / "starts", outside / "marker"
     repo = pipeline_repo(make_repo, f"""\
   unit:
     run: ["echo start >> {starts}; sleep 4; echo done >> {marker}"]
@@ -99,9 +100,9 @@ def test_killed_function_process_does_not_lose_the_run(gateway, make_repo, tmp_p
     assert unit["attempts"][0]["reason"] == "infra"
 
 
-def test_nats_restart_loses_and_duplicates_no_run(stack, gateway, make_repo, tmp_path):
+def test_nats_restart_loses_and_duplicates_no_run(stack, gateway, make_repo, outside):
     """NATS killed and restarted while 20 runs are in flight: all 20 pass, each stage once."""
-    markers = tmp_path / "markers"
+    markers = outside / "markers"
     repo = pipeline_repo(make_repo, f"""\
   lint:
     run: ["sleep 1; echo $FAASCI_RUN_ID lint >> {markers}"]
@@ -123,23 +124,26 @@ def test_nats_restart_loses_and_duplicates_no_run(stack, gateway, make_repo, tmp
     assert len(executed) == 40
 
 
-def test_cancel_stops_the_run_and_kills_its_processes(stack, gateway, make_repo, tmp_path):
+def test_cancel_stops_the_run_and_kills_its_processes(stack, gateway, make_repo, outside):
     """A cancelled run ends cancelled within seconds; its stage's child processes are gone."""
-    pids = tmp_path / "pids"
+    started = outside / "started"
     repo = pipeline_repo(make_repo, f"""\
   lint:
-    run: ["sleep 300 & echo $! >> {pids}; sleep 300 & echo $! >> {pids}; wait"]
+    run: ["sleep 300.125 & sleep 300.25 & echo started >> {started}; wait"]
   unit:
     run: ["true"]
 """)  # fmt: skip
     run_id = start(gateway, repo)
-    wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 60, "the children")
-    children = [int(p) for p in pids.read_text().split()]
+    wait_for(started.exists, 60, "the children")
+    # Their pids inside the stage's pid namespace mean nothing here: found by argument.
+    children = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "sleep"
+                and (p.info["cmdline"] or [])[1:] in (["300.125"], ["300.25"])]  # fmt: skip
+    assert len(children) == 2
     cancelled_at = time.monotonic()
     done = subprocess.run([FAASCI, "cancel", run_id], env={**os.environ, **stack.env()},
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0 and "cancelled" in done.stderr
-    wait_for(lambda: not any(processes.alive(p) for p in children), 10, "the children to die")
+    wait_for(lambda: not any(processes.alive(p.pid) for p in children), 10, "the children to die")
     run = wait_for_run(gateway, run_id)
     stopped_in = time.monotonic() - cancelled_at
     assert stopped_in < 10
@@ -156,9 +160,9 @@ def test_cancel_stops_the_run_and_kills_its_processes(stack, gateway, make_repo,
 
 
 @pytest.mark.parametrize("runs_at_once", [100])
-def test_load_many_runs_at_once(gateway, make_repo, tmp_path, capsys, runs_at_once):
+def test_load_many_runs_at_once(gateway, make_repo, outside, capsys, runs_at_once):
     """100 runs of a short pipeline started at once all pass; no stage runs twice."""
-    markers = tmp_path / "markers"
+    markers = outside / "markers"
     repo = pipeline_repo(make_repo, f"""\
   lint:
     run: ["echo $FAASCI_RUN_ID lint >> {markers}"]

@@ -446,6 +446,41 @@ def test_resolve_a_file_url_with_a_branch(make_repo, store):
     assert resolved.name == repo.name
 
 
+# reading files of the commit
+
+
+def test_read_gives_a_file_of_the_commit_exactly(make_repo, store):
+    """`read` gives a file's text at the resolved commit, byte for byte, from the service
+    folder; None for a missing name and for a folder."""
+    repo = make_repo({"svc/pyproject.toml": "[project]\nname = 'x'\n\n", "svc/src/a.py": "",
+                      "pyproject.toml": "root"})  # fmt: skip
+    resolved = resolve(repo / "svc", None, store)
+    assert resolved.read("pyproject.toml") == "[project]\nname = 'x'\n\n"
+    assert resolved.read("missing.txt") is None
+    assert resolved.read("src") is None
+
+
+def test_read_sees_the_snapshot_and_a_ref_not_the_working_tree(make_repo, store, tmp_path):
+    """A dirty tree's snapshot is read with its uncommitted work; an explicit ref reads that
+    commit's version whatever the working tree holds."""
+    repo = make_repo({"requirements.txt": "flask\n"})
+    first = git(repo, "rev-parse", "HEAD")
+    (repo / "requirements.txt").write_text("django\n")
+    assert resolve(repo, None, store).read("requirements.txt") == "django\n"
+    scratch = tmp_path / "scratch-ref"
+    scratch.mkdir()
+    pinned = fgit.resolve(str(repo), first, store[0], scratch)
+    assert pinned.read("requirements.txt") == "flask\n"
+
+
+def test_read_of_a_url_reads_the_resolve_clone(make_repo, store):
+    """A URL's files are read from the clone the resolve made (while its scratch exists)."""
+    repo = make_repo({"package.json": '{"scripts": {}}'})
+    resolved = resolve(f"file://{repo}", None, store)
+    assert resolved.source == f"file://{repo}"
+    assert resolved.read("package.json") == '{"scripts": {}}'
+
+
 # checkout
 
 

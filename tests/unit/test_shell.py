@@ -40,7 +40,7 @@ def run(tmp_path):
 
     def call(commands, timeout=30.0, env=ENV):
         with log_path.open("wb") as log:
-            outcome = shell.run_commands(commands, work, env, timeout, log)
+            outcome = shell.run_commands(commands, shell.plain(work), env, timeout, log)
         return outcome, log_path.read_text()
 
     call.work = work

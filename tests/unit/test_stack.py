@@ -207,4 +207,4 @@ def test_deployment_fields_are_what_faas_cli_sends(loaded):
     assert unit.limits == {"memory": "1Gi", "cpu": "1"}
     assert unit.requests == {"memory": "256Mi", "cpu": "100m"}
     assert runs.limits == runs.requests == {} and runs.constraints == []
-    assert not unit.read_only_root_filesystem
+    assert unit.read_only_root_filesystem and not runs.read_only_root_filesystem

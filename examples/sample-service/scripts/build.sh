@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 : "${FAASCI_COMMIT:?FAASCI_COMMIT must be set to the full commit sha}"
 
-python - "$FAASCI_COMMIT" <<'PY'
+python3 - "$FAASCI_COMMIT" <<'PY'
 import gzip
 import hashlib
 import re

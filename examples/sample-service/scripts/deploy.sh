@@ -20,11 +20,11 @@ trap cleanup EXIT
 # Turn signals into a normal exit so the EXIT trap still stops the server.
 trap 'exit 130' INT TERM
 
-python -m inventory --host 127.0.0.1 --port 0 >"$workdir/stdout" 2>"$workdir/stderr" &
+python3 -m inventory --host 127.0.0.1 --port 0 >"$workdir/stdout" 2>"$workdir/stderr" &
 pid=$!
 
 # Python for the probe: curl/wget are not guaranteed in the stage image.
-if ! python - "$workdir/stdout" "$timeout_s" <<'PY'
+if ! python3 - "$workdir/stdout" "$timeout_s" <<'PY'
 import sys
 import time
 import urllib.request

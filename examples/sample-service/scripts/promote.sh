@@ -5,7 +5,7 @@ set -eu
 cd "$(dirname "$0")/.."
 : "${FAASCI_COMMIT:?FAASCI_COMMIT must be set to the full commit sha}"
 
-python - <<'PY'
+python3 - <<'PY'
 import json
 import os
 import re

@@ -91,6 +91,22 @@ class LocalConfig:
         folder, like a container's ephemeral disk, as it is not data worth keeping."""
         return Path(tempfile.gettempdir()) / f"faasci-work-{self.tag}"
 
+    @property
+    def cache_dir(self) -> Path:
+        """The node-local layer of dependency caches, shared by every function here."""
+        return self.workdir / "cache"
+
+    def stage_env(self) -> dict[str, str]:
+        """What the functions that run stages need to know of this machine: its cache
+        layer, what stages must not see (the stack's own state), the container engine."""
+        from .engine import Engine  # the engine's module needs this one
+
+        return {
+            "FAASCI_CACHE_DIR": str(self.cache_dir),
+            "FAASCI_SANDBOX_HIDE": f"{self.home}:{self.workdir}",
+            "DOCKER_HOST": Engine.for_stack(self).docker_host,
+        }
+
     def env(self) -> dict[str, str]:
         """The environment that points a process (the gateway, the CLI) at this stack."""
         return {

@@ -87,6 +87,7 @@ class FunctionContainer(FunctionInstance):
         self.remove()  # left by a stack that was stopped hard
         self.copy_secrets()
         self.snapshots.mkdir(parents=True, exist_ok=True)  # a mount needs its source
+        (self.cfg.workdir / self.spec.name).mkdir(parents=True, exist_ok=True)
 
     def environment(self) -> dict[str, str]:
         cfg, host = self.cfg, HOST_FROM_CONTAINER
@@ -99,6 +100,11 @@ class FunctionContainer(FunctionInstance):
             "PUBLIC_URL": cfg.gateway_url,  # links people follow from the host
             "FAASCI_FUNCTION": self.spec.name,
             "FAASCI_SNAPSHOTS": str(self.snapshots),
+            # Checkouts and the node-local cache layer on the host's disk, as a node's
+            # hostPath/emptyDir would be: overlayfs cannot keep its upper layer on the
+            # container's own (overlay) root.
+            "FAASCI_WORKDIR": str(cfg.workdir / self.spec.name),
+            "FAASCI_CACHE_DIR": str(cfg.cache_dir),
             "HOME": "/tmp",  # the host uid has no home in the image
             # Mounted repositories belong to the host user, not to the container's: git
             # refuses them ("dubious ownership") unless told they are safe.
@@ -111,6 +117,7 @@ class FunctionContainer(FunctionInstance):
         mounts = {str(repo): {"bind": str(repo), "mode": "ro"} for repo in local_repos(self.cfg)}
         mounts[str(self.secrets)] = {"bind": SECRETS_MOUNT, "mode": "ro"}
         mounts[str(self.snapshots)] = {"bind": str(self.snapshots), "mode": "rw"}
+        mounts[str(self.cfg.workdir)] = {"bind": str(self.cfg.workdir), "mode": "rw"}
         return mounts
 
     def start(self) -> None:
@@ -144,6 +151,9 @@ class FunctionContainer(FunctionInstance):
             # A function deployed at run time, outside stack.yml, has no port yet (0): any.
             ports={"8080/tcp": ("127.0.0.1", self.port or None)},
             volumes=self.volumes(),
+            # Stages make namespaces of their own (faasci.sandbox), whose /proc mount the
+            # kernel refuses while the engine's masks cover parts of /proc.
+            security_opt=["unmask=/proc/*"],
             # The snapshot store's parent takes git's temporary index files: a tmpfs, so
             # any uid can write there (the mount point podman makes is root's).
             tmpfs={str(self.cfg.data): "rw,mode=1777"},

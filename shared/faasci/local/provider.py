@@ -144,6 +144,7 @@ class FunctionProcess(FunctionInstance):
             "FAASCI_SECRETS_DIR": str(self.secrets),
             "FAASCI_WORKDIR": str(self.workdir),
             "FAASCI_SNAPSHOTS": str(cfg.data / "snapshots.git"),
+            **cfg.stage_env(),
         }
 
     def start(self) -> None:

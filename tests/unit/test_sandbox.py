@@ -1,0 +1,147 @@
+"""faasci.sandbox with real namespaces: what a stage's command sees, and that nothing it
+starts outlives it."""
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from faasci import shell
+from faasci.sandbox import Overlay, Sandbox, stage_path
+from faasci.settings import Settings, configure
+
+HOSTILE = "sleep 7777"  # how these tests' strays are told apart
+
+
+@pytest.fixture
+def secrets_dir():
+    """A platform secrets folder outside /tmp (which stages get a private one of anyway)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="faasci-secrets-") as folder:
+        (Path(folder) / "s3-secret-key").write_text("do-not-leak")
+        yield Path(folder)
+
+
+@pytest.fixture
+def box(tmp_path, secrets_dir):
+    """A sandbox for one attempt, with platform secrets and a work folder of its own."""
+    configure(Settings(secrets_dir=secrets_dir, workdir=tmp_path / "work",
+                       cache_dir=tmp_path / "cache", workspace=tmp_path / "ws"))  # fmt: skip
+    attempt = tmp_path / "work" / "run-unit-1"
+    (attempt / "src").mkdir(parents=True)
+    sandbox = Sandbox(attempt)
+    yield sandbox
+    configure(None)
+    for proc in psutil.process_iter(["cmdline"]):
+        if HOSTILE in " ".join(proc.info["cmdline"] or []):
+            proc.kill()
+
+
+def run(box: Sandbox, *commands: str, timeout: float = 30, cancel=None):
+    """(Outcome, log text) of `commands` run in `box`."""
+    box.prepare()
+    env = {"PATH": stage_path(box.service_dir), "HOME": str(box.workspace / "home")}
+    log_path = box.attempt / "stage.log"
+    with log_path.open("wb") as log:
+        outcome = shell.run_commands(list(commands), box.launch, env, timeout, log, cancel)
+    return outcome, log_path.read_text()
+
+
+def sleepers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if HOSTILE in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+
+
+def test_the_command_sees_its_checkout_at_the_stable_path(box):
+    (box.src / "marker").write_text("mine\n")
+    outcome, log = run(box, 'pwd; cat marker; echo "home=$HOME"; touch made-here')
+    assert outcome.passed, log
+    assert f"{box.workspace}/src\nmine\nhome={box.workspace}/home" in log
+    assert (box.src / "made-here").exists()
+
+
+def test_the_platform_secrets_and_faasci_are_out_of_reach(box, secrets_dir):
+    outcome, log = run(
+        box,
+        f'test -z "$(ls -A {secrets_dir})"',
+        f"! cat {secrets_dir}/s3-secret-key",
+        f"! umount {secrets_dir}",
+        f"! ls {sys.prefix}/bin",
+        "! python3 -c 'import faasci'",
+        "python3 -c 'import sys; print(sys.path)'; echo $PATH",
+    )
+    assert outcome.passed, log
+    assert "do-not-leak" not in log
+    assert sys.prefix not in log.split("$ python3 -c 'import sys")[1]
+
+
+def test_it_sees_only_its_own_processes(box):
+    outcome, log = run(box, "ls /proc | grep -c '^[0-9]'")
+    assert outcome.passed, log
+    assert int(log.split()[-1]) < 10  # its shells and ls, not this machine's
+
+
+def test_setsid_children_and_daemons_end_with_the_command(box):
+    outcome, log = run(
+        box,
+        f"(setsid sh -c '{HOSTILE}' &); sh -c '({HOSTILE}.5 &) &'; sleep 0.2; echo started",
+    )
+    assert outcome.passed and "started" in log, log
+    time.sleep(0.3)
+    assert sleepers() == []
+
+
+def test_a_cancel_ends_every_process_too(box):
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    started = time.monotonic()
+    outcome, log = run(
+        box,
+        f"(setsid sh -c '{HOSTILE}' &); {HOSTILE}.25",
+        cancel=cancel,
+    )
+    assert outcome.cancelled, log
+    assert time.monotonic() - started < shell.KILL_GRACE_S + 3
+    time.sleep(0.3)
+    assert sleepers() == []
+
+
+def test_restored_paths_are_writable_but_the_cache_is_never_changed(box, tmp_path):
+    lower = tmp_path / "cache" / "entry" / ".venv"
+    (lower / "bin").mkdir(parents=True)
+    (lower / "bin" / "tool").write_text("cached\n")
+    box.overlays = [Overlay(lower, box.src / ".venv")]
+    outcome, log = run(box, "cat .venv/bin/tool", "echo changed > .venv/bin/tool",
+                       "echo new > .venv/new", "cat .venv/bin/tool")  # fmt: skip
+    assert outcome.passed, log
+    assert "cached\n" in log and log.rstrip().endswith("changed")
+    assert (lower / "bin" / "tool").read_text() == "cached\n"
+    assert not (lower / "new").exists()
+
+
+def test_a_sandbox_that_cannot_be_made_is_not_the_commands_failure(box, tmp_path):
+    box.overlays = [Overlay(tmp_path / "missing", box.src / ".venv")]
+    outcome, log = run(box, "echo never-runs")
+    assert not outcome.passed
+    assert box.failed()
+    assert "never-runs\n" not in log.replace("$ echo never-runs\n", "")
+    outcome, _ = run(box.__class__(box.attempt), "true")
+    assert outcome.passed
+
+
+def test_the_command_runs_as_the_callers_uid(box):
+    outcome, log = run(box, "id -u")
+    assert outcome.passed, log
+    assert log.split()[-1] == str(os.getuid())
+
+
+def test_another_attempts_files_are_hidden(box):
+    other = box.attempt.parent / "run-lint-1" / "src"
+    other.mkdir(parents=True)
+    (other / "theirs").write_text("x")
+    outcome, log = run(box, f"! ls {other}", f"! ls {Path(box.attempt.parent)}/run-lint-1")
+    assert outcome.passed, log
