@@ -219,16 +219,14 @@ def _brief(entry: dict) -> dict:
     return {k: entry.get(k) for k in fields}
 
 
-def request_check(run: runs.Run, changed: list[str] | None = None) -> None:
-    """After a run has started: have the invalidator check its repository, as a push does,
-    so the key of a changed manifest counts and what nothing needs goes. Asynchronous, and
-    never a reason for the run not to start."""
+def request_check(run: runs.Run) -> None:
+    """Once a stage has made a new key (its manifests or runtime changed, whatever started
+    the run): have the invalidator check the repository, so what nothing needs goes.
+    Asynchronous, and never a reason for the stage to fail."""
     if run.pipeline.cache is None:
         return
     # A snapshot's commit lives only in this function's snapshot store: name the working tree.
     body = {"repo": run.repo} if run.snapshot else {"repo": run.repo, "commit": run.commit}
-    if changed:
-        body["changed"] = changed
     try:
         services.gateway().call_async("cache-invalidator", body, call_id=f"{run.id}.invalidate")
     except Exception as e:

@@ -23,7 +23,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from . import cache, git, runs, services, shell, timers
+from . import cache, git, invalidation, runs, services, shell, timers
 from .invoke import InvocationError
 from .runs import Next, Run
 from .sandbox import ImageSandbox, Overlay, Sandbox, SandboxError, stage_path
@@ -241,6 +241,7 @@ def _dependencies(
         entry = node.adopt(key, {"work": real_dir, "home": box.home}, cspec.paths,
                            service=run.service, repo=run.repo, wait=False)  # fmt: skip
         held.callback(_saved, entry, report)
+        invalidation.request_check(run)  # a new key: what no branch needs any more can go
         say(f"cache kept {key.value[:12]} on this node ({entry.size} bytes); uploading")
     roots = {"work": real_dir, "home": box.home}
     box.overlays = [

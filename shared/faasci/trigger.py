@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from . import git, invalidation, pipeline, services
+from . import git, pipeline, services
 from .errors import Unprocessable
 from .runs import Run, new_run
 from .settings import settings
@@ -24,13 +24,11 @@ def start_run(
     only: str | None = None,
     commit: str | None = None,
     dispatch_first: bool = True,
-    changed: list[str] | None = None,
 ) -> Run:
     """Create a run of `repo` at `ref` (or at `commit`, recorded under `ref`).
 
     `only` makes a single-stage run (an HTTP invocation of one stage); `dispatch_first=False`
-    leaves the first stage queued for the caller to execute. `changed` (a push's paths) lets
-    the cache check skip a push that touches no manifest."""
+    leaves the first stage queued for the caller to execute."""
     s = settings()
     s.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=s.workdir, prefix="resolve-") as scratch:
@@ -54,7 +52,6 @@ def start_run(
     log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
     if dispatch_first:
         dispatch(run.id, run.stages[0].name, 1)
-    invalidation.request_check(run, changed)  # a changed manifest's key counts
     return run
 
 

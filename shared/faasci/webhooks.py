@@ -25,16 +25,5 @@ def on_push(event: dict) -> dict:
     if after is not None and not (isinstance(after, str) and len(after) == 40):
         raise UserError("push event after must be a 40-character commit sha", field="after")
     name = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
-    # The cache-invalidator decides whether a manifest is among the changed paths.
-    run = start_run(url, name, trigger="push", commit=after, changed=changed_paths(event) or None)
+    run = start_run(url, name, trigger="push", commit=after)
     return {"statusCode": 202, "body": {"run_id": run.id, "commit": run.commit, "ref": run.ref}}
-
-
-def changed_paths(event: dict) -> list[str]:
-    """Every path the push's commits added, modified or removed."""
-    paths = set()
-    for commit in event.get("commits") or []:
-        if isinstance(commit, dict):
-            for kind in ("added", "modified", "removed"):
-                paths.update(p for p in commit.get(kind) or [] if isinstance(p, str))
-    return sorted(paths)

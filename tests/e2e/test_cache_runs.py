@@ -1,6 +1,6 @@
 """The dependency cache in real runs: hits skip the set-up (from this node's layer),
 changed manifests miss, the cache-invalidator removes only what no branch or recent run
-needs (after a push and after `faasci run`), damaged archives are misses, retention."""
+needs (once a stage has made a new key), damaged archives are misses, retention."""
 
 import json
 import os
@@ -113,25 +113,30 @@ def test_second_run_restores_and_skips_the_setup(gateway, make_repo, tmp_path):
 def test_changed_manifest_misses_and_the_invalidator_keeps_what_is_needed(
     gateway, make_repo, tmp_path, client_settings
 ):
-    """A manifest change misses and builds a fresh cache. The checks after the run and
-    after the push remove only what nothing needs: the old key stays (a run of the last
-    days used it), the new one stays (main's head computes it), orphans go."""
+    """A manifest change misses and builds a fresh cache. The check a new key brings
+    (whatever started the run: `faasci run`, a push) removes only what nothing needs: the
+    old key stays (a run of the last days used it), the new one stays (main's head computes
+    it), orphans go."""
     repo = cached_repo(make_repo, tmp_path, "cache-change")
     old = cache_of(run_of(gateway, repo))["key"]
     put_orphan(repo, "0" * 32)
     (repo / "deps.lock").write_text("lib==2.0\n")
-    head = commit_all(repo, "bump lib")
-    changed = run_of(gateway, repo)  # `faasci run` has the invalidator check, as a push does
+    commit_all(repo, "bump lib")
+    changed = run_of(gateway, repo)
     new = cache_of(changed)
     assert new["hit"] is False and new["key"] != old and new["saved_bytes"] > 0
     assert set_up(gateway, changed)
     wait_for_keys(gateway, repo, {old, new["key"]})
     put_orphan(repo, "1" * 32)
+    (repo / "deps.lock").write_text("lib==2.1\n")
+    head = commit_all(repo, "bump lib again")
     push = {"ref": "refs/heads/main", "after": head,
             "repository": {"clone_url": f"file://{repo}"},
             "commits": [{"id": head, "modified": ["deps.lock"]}]}  # fmt: skip
-    assert gateway.call("webhook", push).status_code == 202
-    wait_for_keys(gateway, repo, {old, new["key"]})  # file://<repo> is the same repository
+    resp = gateway.call("webhook", push)
+    assert resp.status_code == 202, resp.text
+    newer = cache_of(wait_for_run(gateway, resp.json()["run_id"]))["key"]
+    wait_for_keys(gateway, repo, {old, new["key"], newer})  # file://<repo>: the same repository
     # asked directly, with no manifest among the changed paths, it removes nothing
     put_orphan(repo, "2" * 32)
     report = gateway.call("cache-invalidator", {"repo": str(repo), "ref": "main",
