@@ -1,18 +1,74 @@
-"""Benchmarks that print JSON figures. `cache`: the example service's pipeline on a stack
-of its own, once with an empty dependency cache (real installs from the package index)
-and once warm; the figure is the dependency set-up of the first stage (set-up + save
-when cold, restore when warm), with the pipelines' wall times beside it."""
+"""Benchmarks of faas-ci (not tests), printed as one JSON object of figures.
+
+`./scripts/bench [corpus] [noop] [cache] [--repeat N] [--project NAME]` prints ONE JSON
+object on stdout (progress goes to stderr). With no names, every part runs. Everything runs
+on one local stack of the benchmark's own (BENCH_STACK: its own FAASCI_HOME and ports),
+started once and stopped at the end, also on an error.
+
+What each figure means:
+
+- `corpus.<project>`: each project of ../shared/corpus (*.tar.gz), unpacked, `git init` and
+  committed as a user would, run with the pipeline faas-ci gives it (its default pipeline
+  when it has no .faasci.yml, exactly what `faasci run --explain` prints).
+  - faas-ci: POST /function/runs {"repo": <path>}, then GET /function/runs/<id> every
+    POLL_S until the run has ended; the wall time runs from before the POST to the poll
+    that sees the end. `cold`: no dependency cache anywhere (every S3 entry purged through
+    the cache-invalidator, the node-local layer `LocalConfig.cache_dir` deleted) before
+    each run. `warm`: the same commit again right after a run of it (its cache present).
+  - shell: the baseline, the same commands as a plain `set -e` bash script in a fresh
+    checkout. The script clones the commit (`git clone` + `git checkout`, timed, as
+    faas-ci's own checkouts are) at the same stable path the stages see it at
+    (settings().workspace/src), with HOME a fresh empty folder (workspace/home), a clean
+    environment (the pipeline's `env`, CI=true, LANG=C.UTF-8) and PATH = the checkout's
+    .venv/bin and node_modules/.bin, then this process's PATH without any virtualenv's bin.
+    Each command runs as `/bin/sh -c <command>` in the service's folder, as in a stage.
+    `cold`: the cache set-up, then per stage its cache `prepare` (when the stage uses the
+    cache) and its `run` commands. `warm`: the same fresh clone, but the cache `paths`
+    (.venv, node_modules, ~/...) kept from the previous shell run at that same path (moved
+    aside before the clone, moved back into it by the script), then prepare + run per stage.
+  - `overhead_ratio_warm` / `overhead_ratio_cold`: median faas-ci wall / median shell wall
+    (target: <= 1.15 warm, <= 1.10 cold). Per repeat the four runs go back to back: faas-ci
+    cold, faas-ci warm, shell cold, shell warm (--repeat N times, default 3). Beside the
+    medians: every sample (seconds), each side's verdict (`verdicts_match`: a ratio only
+    compares like with like when both sides passed, or both failed), faas-ci's run ids,
+    what each run's first cached stage found (`first_cache`: "miss", "local", "s3"), and
+    `stages`, the median of where faas-ci's time went per stage (see `stage_profile`).
+    The shell scripts and their output stay in <FAASCI_HOME>/shell-logs/.
+- `noop_pipeline_s`: a 2-stage pipeline of `true` (lint and unit, no cache): the median wall
+  of NOOP_RUNS warm runs, after one discarded run (target <= 0.5).
+- `restore_ms_p50`: the median of the cache restore times (`cache.restore_s` x 1000) of
+  every stage attempt of the warm corpus runs (target <= 50).
+- `cache`: the example service (examples/sample-service) with a cold, then a warm dependency
+  cache: the first stage's dependency seconds (set-up + save cold, restore warm), the
+  archive's size and both pipelines' wall times.
+- `polling`: the interval of the runs' polling and how long one GET took (its cost).
+- `machine`: where the figures were taken (with the load average at the start and the end:
+  other work on the machine skews every figure).
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus"
 BENCH_STACK = {
     "FAASCI_STACK": str(ROOT / "stack.yml"),
     "FAASCI_HOME": str(ROOT / ".faasci" / "bench"),
@@ -21,67 +77,617 @@ BENCH_STACK = {
     "FAASCI_NATS_PORT": "34222",
     "FAASCI_S3_PORT": "38333",
 }
+PARTS = ("corpus", "noop", "cache")
+TARGETS = {"overhead_ratio_warm": 1.15, "overhead_ratio_cold": 1.10,
+           "noop_pipeline_s": 0.5, "restore_ms_p50": 50}  # fmt: skip
+POLL_S = 0.025  # how often a run's record is read while it runs
+RUN_TIMEOUT_S = 3600
+NOOP_RUNS = 5  # counted, after one discarded
+FINISHED = ("passed", "failed", "cancelled")
+GIT_USER = ["-c", "user.name=bench", "-c", "user.email=bench@localhost",
+            "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]  # fmt: skip
+NOOP_PIPELINE = """\
+service: noop
+stages:
+  lint: {run: ["true"]}
+  unit: {run: ["true"]}
+"""
+
+
+def say(*parts) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def verdict(values: list[str]) -> str | list[str]:
+    """One verdict when every sample agrees, else all of them."""
+    return values[0] if values and len(set(values)) == 1 else values
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    if not (start and end):
+        return None
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 3)
+
+
+# The stack and its runs.
+
+
+class Stack:
+    """The benchmark's own local stack, and what it does with it."""
+
+    def __init__(self):
+        from faasci.invoke import Gateway
+        from faasci.local.config import LocalConfig
+
+        self.cfg = LocalConfig.from_env()
+        self.gateway = Gateway(self.cfg.gateway_url, timeout=120)
+        self.polls_ms: list[float] = []  # how long each GET of a running run took
+
+    def up(self, tries: int = 2) -> None:
+        """Start the stack; once more after a failed start (a function's port can be taken
+        for a moment by some other program's connection)."""
+        from faasci.local import control
+
+        for left in reversed(range(tries)):
+            try:
+                if not control.up(self.cfg, say=say):
+                    say("note: the bench stack was already up; it is stopped at the end anyway")
+                return
+            except SystemExit as e:
+                if not left:
+                    raise RuntimeError(f"the stack did not come up: {e}") from None
+                say(f"{e}; trying once more")
+                self.down()
+
+    def down(self) -> None:
+        from faasci.local import control
+
+        control.down(self.cfg, say=say)
+
+    def run(self, repo: str) -> tuple[float, dict]:
+        """Start a run of `repo` and poll it until it ends: (wall seconds, its record)."""
+        started = time.monotonic()
+        resp = self.gateway.call("runs", {"repo": repo}, timeout=300)
+        if resp.status_code >= 300:
+            raise RuntimeError(f"POST /function/runs: HTTP {resp.status_code} {resp.text[:300]}")
+        run_id = resp.json()["id"]
+        while True:
+            time.sleep(POLL_S)
+            asked = time.monotonic()
+            got = self.gateway.call("runs", method="GET", path=run_id)
+            self.polls_ms.append((time.monotonic() - asked) * 1000)
+            record = got.json() if got.ok else {}
+            if record.get("status") in FINISHED:
+                wall = round(time.monotonic() - started, 3)
+                if record["status"] != "passed":
+                    say(f"  {self.failure(record)}")
+                return wall, record
+            if time.monotonic() - started > RUN_TIMEOUT_S:
+                self.gateway.call("runs", path=f"{run_id}/cancel")
+                raise RuntimeError(f"run {run_id} not finished after {RUN_TIMEOUT_S}s: cancelled")
+
+    def forget_caches(self) -> None:
+        """No dependency cache anywhere: every S3 entry purged, the node-local layer gone.
+        Purged again while entries show up (an upload that was still on its way)."""
+        for _ in range(10):
+            resp = self.gateway.call("cache-invalidator", {"all": True}, path="purge")
+            if resp.status_code >= 300:
+                raise RuntimeError(f"cache purge: HTTP {resp.status_code} {resp.text[:300]}")
+            remove_tree(self.cfg.cache_dir)
+            time.sleep(0.5)
+            if not self.gateway.call("cache-invalidator", method="GET").json()["entries"]:
+                return
+        raise RuntimeError("cache entries keep appearing after purges")
+
+    def failure(self, run: dict) -> str:
+        """The end of the log of a failed run's failed attempt, for the progress output."""
+        for stage in run["stages"]:
+            for attempt in stage["attempts"]:
+                if attempt["status"] == "failed":
+                    where = f"{run['id']}/{stage['name']}/{attempt['number']}"
+                    resp = self.gateway.call("pipeline-log", method="GET", path=where)
+                    tail = resp.text.splitlines()[-12:] if resp.ok else [f"HTTP {resp.status_code}"]
+                    return f"{where}: {attempt.get('error')}\n    " + "\n    ".join(tail)
+        return f"run {run['id']} {run['status']}"
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that also takes read-only folders (caches and overlays leave some)."""
+
+    def unlock(func, failed, _exc):
+        try:
+            os.chmod(os.path.dirname(failed), 0o700)
+            os.chmod(failed, 0o700)
+            shutil.rmtree(failed) if os.path.isdir(failed) else os.unlink(failed)
+        except FileNotFoundError:
+            pass
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=unlock)
+
+
+def stage_profile(run: dict) -> list[dict]:
+    """Where a run's time went, per stage (its last attempt), from its record: `wait_s` from
+    the previous stage's end (or the run's creation) to the attempt's start, the attempt's
+    `attempt_s`, of which the cache's `restore_s`, `setup_s` and `save_s`, and `other_s`
+    (checkout, sandbox, prepare and the commands, the log's upload)."""
+    profile, previous_end = [], run.get("created_at")
+    for stage in run["stages"]:
+        if not stage["attempts"]:
+            continue
+        attempt = stage["attempts"][-1]
+        cache = attempt.get("cache") or {}
+        spent = {k: cache.get(k, 0) or 0 for k in ("restore_s", "setup_s", "save_s")}
+        total = attempt.get("duration_s") or 0
+        profile.append({
+            "stage": stage["name"],
+            "wait_s": seconds_between(previous_end, attempt.get("started_at")),
+            "attempt_s": total,
+            **spent,
+            "other_s": round(total - sum(spent.values()), 3),
+        })  # fmt: skip
+        previous_end = attempt.get("finished_at")
+    return profile
+
+
+def median_profile(runs: list[dict]) -> list[dict]:
+    """Per stage, the median of each figure of `stage_profile` over `runs`."""
+    by_stage: dict[str, list[dict]] = {}
+    for run in runs:
+        for row in stage_profile(run):
+            by_stage.setdefault(row["stage"], []).append(row)
+    merged = []
+    for name, rows in by_stage.items():
+        row = {"stage": name, "samples": len(rows)}
+        for key in ("wait_s", "attempt_s", "restore_s", "setup_s", "save_s", "other_s"):
+            row[key] = median([r[key] for r in rows if r[key] is not None])
+        merged.append(row)
+    return merged
+
+
+def first_cache(run: dict) -> str | None:
+    """What the first stage that used the cache found: "miss", or where its hit came from."""
+    for stage in run["stages"]:
+        for attempt in stage["attempts"]:
+            if cache := attempt.get("cache"):
+                return (cache.get("source") or "hit") if cache.get("hit") else "miss"
+    return None
+
+
+def restore_ms(runs: list[dict]) -> list[float]:
+    """The cache restore time (ms) of every stage attempt of `runs` that restored one."""
+    return [
+        round(attempt["cache"]["restore_s"] * 1000, 1)
+        for run in runs
+        for stage in run["stages"]
+        for attempt in stage["attempts"]
+        if (attempt.get("cache") or {}).get("hit")
+    ]
+
+
+# Repositories, as a user's would be.
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    done = subprocess.run(["git", *GIT_USER, *args], cwd=cwd, capture_output=True, text=True,
+                          check=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    return done.stdout.strip()
+
+
+def commit_all(repo: Path) -> None:
+    git("init", "--quiet", str(repo))
+    git("add", "--all", cwd=repo)
+    git("commit", "--quiet", "--no-verify", "-m", "import", cwd=repo)
+
+
+def unpack(archive: Path, into: Path) -> Path:
+    """The project of a corpus archive, unpacked and committed into a new git repository."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    tops = [p for p in into.iterdir() if p.is_dir()]
+    repo = tops[0] if len(tops) == 1 else into
+    commit_all(repo)
+    return repo
+
+
+def noop_repo(into: Path) -> Path:
+    repo = into / "noop"
+    repo.mkdir(parents=True)
+    (repo / ".faasci.yml").write_text(NOOP_PIPELINE)
+    commit_all(repo)
+    return repo
+
+
+# The shell baseline.
+
+
+@dataclass
+class Plan:
+    """What a run of a repository does, for the shell baseline to do the same."""
+
+    source: str  # the repository to clone
+    commit: str
+    path: str  # the service's folder inside it
+    spec: object  # faasci.pipeline.Pipeline
+
+    def steps(self, warm: bool) -> list[tuple[str, list[str]]]:
+        """The commands, in order: ("setup", the cache's set-up) when cold, then per stage
+        (its name, its cache's prepare when it uses the cache + its run commands)."""
+        cache = self.spec.cache
+        steps = [("setup", list(cache.setup))] if cache and not warm else []
+        for name, stage in self.spec.stages.items():
+            steps.append((name, [*(cache.prepare if cache and stage.cache else []), *stage.run]))
+        return steps
+
+    def commands(self, warm: bool) -> list[str]:
+        return [command for _, commands in self.steps(warm) for command in commands]
+
+    def kept_paths(self) -> list[str]:
+        """The dependency folders a warm shell run keeps from the previous one."""
+        return list(self.spec.cache.paths) if self.spec.cache else []
+
+
+def plan_of(repo: Path) -> Plan:
+    """The pipeline a run of `repo` gets, resolved as `faasci run --explain` does."""
+    from faasci import git as faasci_git
+    from faasci import pipeline
+
+    with tempfile.TemporaryDirectory(prefix="faasci-bench-explain-") as scratch:
+        resolved = faasci_git.resolve(str(repo), None, Path(scratch) / "snapshots.git",
+                                      Path(scratch))  # fmt: skip
+        spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name,
+                             resolved.read)  # fmt: skip
+    return Plan(resolved.source, resolved.commit, resolved.path, spec)
+
+
+def clean_path() -> str:
+    """This process's PATH without any virtualenv's bin."""
+    entries = os.environ.get("PATH", "/usr/bin:/bin").split(":")
+    return ":".join(e for e in entries if e and not (Path(e).parent / "pyvenv.cfg").exists())
+
+
+def step_seconds(marks: Path) -> dict[str, float]:
+    """Seconds per step of a baseline script, from the times it noted as each began."""
+    try:
+        noted = [line.split(" ", 1) for line in marks.read_text().splitlines()]
+    except FileNotFoundError:
+        return {}
+    return {label: round(float(end) - float(start), 3)
+            for (start, label), (end, _) in itertools.pairwise(noted)}  # fmt: skip
+
+
+class Shell:
+    """The baseline's checkout, HOME and kept dependency folders, at the stages' stable
+    workspace (only the stages' private mount namespaces see theirs there)."""
+
+    def __init__(self, logs: Path):
+        from faasci.settings import settings
+
+        workspace = settings().workspace
+        self.src, self.home = workspace / "src", workspace / "home"
+        self.kept = workspace / "bench-kept"  # beside src: moving back is a rename
+        self.logs, self.runs = logs, 0  # every run's output, kept after the bench
+        remove_tree(logs)
+        logs.mkdir(parents=True)
+
+    def service_dir(self, plan: Plan) -> Path:
+        return self.src / plan.path if plan.path else self.src
+
+    def run(self, plan: Plan, warm: bool) -> tuple[float, int, dict[str, float]]:
+        """One baseline run: (wall seconds, the script's exit status, seconds per step)."""
+        self._set_aside(plan, keep=warm)
+        self.runs += 1
+        name = f"{self.runs:02d}-{Path(plan.source).name}-{'warm' if warm else 'cold'}"
+        script, log = self.logs / f"{name}.sh", self.logs / f"{name}.log"
+        marks = self.logs / f"{name}.marks"
+        script.write_text(self.script(plan, warm, marks))
+        env = {**plan.spec.env, "CI": "true", "LANG": "C.UTF-8", "HOME": str(self.home),
+               "PATH": self.path(plan)}  # fmt: skip
+        started = time.monotonic()
+        with log.open("wb") as out:
+            done = subprocess.run(["/bin/bash", str(script)], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT, cwd="/")  # fmt: skip
+        elapsed = round(time.monotonic() - started, 3)
+        if done.returncode:
+            tail = log.read_text(errors="replace").splitlines()[-8:]
+            say(f"  shell exited {done.returncode} ({log}):", "\n    " + "\n    ".join(tail))
+        return elapsed, done.returncode, step_seconds(marks)
+
+    def path(self, plan: Plan) -> str:
+        service = self.service_dir(plan)
+        return f"{service}/.venv/bin:{service}/node_modules/.bin:{clean_path()}"
+
+    def script(self, plan: Plan, warm: bool, marks: Path) -> str:
+        """The baseline script. Beside the commands it only notes the time (bash builtins,
+        into `marks`) as each step starts and when it ends."""
+        q = shlex.quote
+
+        def mark(label: str) -> str:
+            return f'printf "%s {label}\\n" "$EPOCHREALTIME" >&9'
+
+        lines = [
+            "set -e",
+            f"exec 9>{q(str(marks))}",
+            f"trap '{mark('end')}' EXIT",
+            mark("checkout"),
+            f"git clone --quiet --no-checkout -- {q(plan.source)} {q(str(self.src))}",
+            f"git -C {q(str(self.src))} checkout --quiet --detach {q(plan.commit)}",
+            f"cd {q(str(self.service_dir(plan)))}",
+        ]
+        if warm:  # the dependency folders of the last run, back in place
+            for live, kept in self._kept(plan):
+                if kept.exists():
+                    lines.append(f"mkdir -p {q(str(live.parent))} && mv {q(str(kept))} "
+                                 f"{q(str(live))}")  # fmt: skip
+        for label, commands in plan.steps(warm):
+            lines.append(mark(label))
+            lines += [f"/bin/sh -c {q(command)}" for command in commands]
+        return "\n".join(lines) + "\n"
+
+    def _kept(self, plan: Plan) -> list[tuple[Path, Path]]:
+        """(where a dependency folder lives, where it waits between runs) per cache path."""
+        pairs = []
+        for n, path in enumerate(plan.kept_paths()):
+            home = path.startswith("~/")
+            live = self.home / path[2:] if home else self.service_dir(plan) / path
+            pairs.append((live, self.kept / str(n)))
+        return pairs
+
+    def _set_aside(self, plan: Plan, keep: bool) -> None:
+        """A fresh start: no checkout, an empty HOME; with `keep`, the dependency folders
+        of the last run moved aside first (so the script can move them back)."""
+        remove_tree(self.kept)
+        self.kept.mkdir(parents=True)
+        if keep:
+            for live, kept in self._kept(plan):
+                if live.exists():
+                    live.rename(kept)
+        for folder in (self.src, self.home):
+            remove_tree(folder)
+        self.home.mkdir(parents=True)
+
+    def clean(self) -> None:
+        for folder in (self.src, self.home, self.kept):
+            remove_tree(folder)
+
+
+# The benchmarks.
+
+
+@dataclass
+class Samples:
+    """One side's runs of one kind (cold or warm) of a project."""
+
+    walls: list[float] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+    details: list = field(default_factory=list)  # run records, or (exit status, step seconds)
+
+    def add(self, wall: float, outcome: str, detail) -> None:
+        self.walls.append(wall)
+        self.verdicts.append(outcome)
+        self.details.append(detail)
+
+    def figures(self) -> dict:
+        return {"median_s": median(self.walls), "samples_s": self.walls,
+                "verdict": verdict(self.verdicts)}  # fmt: skip
+
+
+KINDS = ("cold", "warm")
+
+
+def median_steps(runs: list[dict[str, float]]) -> dict[str, float | None]:
+    """Per step of the baseline (checkout, setup, each stage), its median seconds."""
+    labels = list(dict.fromkeys(label for steps in runs for label in steps))
+    return {label: median([s[label] for s in runs if label in s]) for label in labels}
+
+
+def bench_project(stack: Stack, shell: Shell, repo: Path, repeat: int) -> tuple[dict, list[dict]]:
+    """One corpus project: its figures, and its warm runs' records. Per repeat, back to back:
+    faas-ci cold (no cache anywhere), faas-ci warm, shell cold, shell warm."""
+    plan = plan_of(repo)
+    faasci = {kind: Samples() for kind in KINDS}
+    baseline = {kind: Samples() for kind in KINDS}
+    for n in range(1, repeat + 1):
+        stack.forget_caches()
+        for kind in KINDS:
+            wall, record = stack.run(str(repo))
+            faasci[kind].add(wall, record["status"], record)
+            say(f"  {repo.name} #{n} faas-ci {kind}: {wall:.2f}s {record['status']} "
+                f"(run {record['id']})")  # fmt: skip
+        for kind in KINDS:
+            wall, code, steps = shell.run(plan, warm=kind == "warm")
+            baseline[kind].add(wall, "passed" if code == 0 else "failed", (code, steps))
+            say(f"  {repo.name} #{n} shell {kind}: {wall:.2f}s exit {code}")
+    result = {"commit": plan.commit[:12]}
+    for kind in ("warm", "cold"):
+        result[f"overhead_ratio_{kind}"] = ratio(median(faasci[kind].walls),
+                                                 median(baseline[kind].walls))  # fmt: skip
+    # A ratio compares like with like only when both sides reached the same verdict.
+    result["verdicts_match"] = all(faasci[k].verdicts == baseline[k].verdicts for k in KINDS)
+    result["faasci"] = {
+        kind: {**faasci[kind].figures(),
+               # the run's own duration (creation to end): the rest of the wall is the
+               # POST and the polling
+               "record_median_s": median([r["duration_s"] for r in faasci[kind].details
+                                          if r.get("duration_s") is not None]),
+               "stages": median_profile(faasci[kind].details),
+               "first_cache": [first_cache(r) for r in faasci[kind].details],
+               "runs": [r["id"] for r in faasci[kind].details]}
+        for kind in ("warm", "cold")
+    }  # fmt: skip
+    result["shell"] = {
+        kind: {**baseline[kind].figures(),
+               "exit_codes": [code for code, _ in baseline[kind].details],
+               "steps": median_steps([steps for _, steps in baseline[kind].details]),
+               "commands": plan.commands(warm=kind == "warm")}
+        for kind in ("warm", "cold")
+    }  # fmt: skip
+    return result, faasci["warm"].details
+
+
+def bench_corpus(stack: Stack, scratch: Path, repeat: int, only: list[str]) -> dict:
+    archives = sorted(CORPUS.glob("*.tar.gz"))
+    if only:
+        archives = [a for a in archives if a.name.removesuffix(".tar.gz") in only]
+    shell = Shell(stack.cfg.home / "shell-logs")
+    projects, warm_runs = {}, []
+    try:
+        for archive in archives:
+            name = archive.name.removesuffix(".tar.gz")
+            say(f"corpus: {name}")
+            folder = scratch / "corpus" / name
+            folder.mkdir(parents=True)
+            try:
+                projects[name], runs = bench_project(stack, shell, unpack(archive, folder), repeat)
+                warm_runs += runs
+            except Exception as e:  # one project's trouble must not lose the others' figures
+                say(f"  {name} failed:\n{traceback.format_exc()}")
+                projects[name] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        shell.clean()
+    restores = restore_ms(warm_runs)
+    return {"projects": projects, "restore_ms_p50": median(restores), "restore_ms": restores}
+
+
+def bench_noop(stack: Stack, scratch: Path) -> dict:
+    repo = noop_repo(scratch / "noop")
+    stack.run(str(repo))  # discarded: the first run of a repository warms the functions
+    walls, records = [], []
+    for n in range(1, NOOP_RUNS + 1):
+        wall, record = stack.run(str(repo))
+        say(f"noop #{n}: {wall:.3f}s {record['status']}")
+        walls.append(wall)
+        records.append(record)
+    return {"noop_pipeline_s": median(walls), "samples_s": walls,
+            "verdict": verdict([r["status"] for r in records]),
+            "stages": median_profile(records)}  # fmt: skip
 
 
 def dependency_seconds(attempt: dict) -> float:
+    """Set-up + save (a miss) or restore (a hit), to 0.1 ms: a local restore takes less than 1."""
     cache = attempt["cache"] or {}
-    return round(cache.get("restore_s", 0) + cache.get("setup_s", 0) + cache.get("save_s", 0), 3)
+    return round(cache.get("restore_s", 0) + cache.get("setup_s", 0) + cache.get("save_s", 0), 4)
 
 
-def run_pipeline(gateway, repo: str) -> dict:
-    resp = gateway.call("runs", {"repo": repo}, timeout=300)
-    resp.raise_for_status()
-    run_id = resp.json()["id"]
-    while True:
-        run = gateway.call("runs", method="GET", path=run_id).json()
-        if run["status"] in ("passed", "failed", "cancelled"):
-            return run
-        time.sleep(0.5)
-
-
-def bench_cache() -> dict:
-    os.environ.update(BENCH_STACK)
-    from faasci.invoke import Gateway
-    from faasci.local import control
-    from faasci.local.config import LocalConfig
-
-    cfg = LocalConfig.from_env()
-    control.up(cfg, say=lambda *a: print(*a, file=sys.stderr))
-    try:
-        gateway = Gateway(cfg.gateway_url, timeout=120)
-        purged = gateway.call("cache-invalidator", {"service": "sample-service"}, path="purge")
-        purged.raise_for_status()
-        repo = str(ROOT / "examples" / "sample-service")
-        cold, warm = run_pipeline(gateway, repo), run_pipeline(gateway, repo)
-    finally:
-        control.down(cfg, say=lambda *a: print(*a, file=sys.stderr))
+def bench_cache(stack: Stack) -> dict:
+    """The example service with a cold, then a warm dependency cache."""
+    repo = str(ROOT / "examples" / "sample-service")
+    stack.forget_caches()
+    (cold_wall, cold), (warm_wall, warm) = stack.run(repo), stack.run(repo)
     for run in (cold, warm):
         if run["status"] != "passed":
-            raise SystemExit(f"run {run['id']} {run['status']}: the benchmark needs passing runs")
+            raise RuntimeError(f"run {run['id']} {run['status']}: the benchmark needs passing runs")
     first_cold, first_warm = cold["stages"][0]["attempts"][0], warm["stages"][0]["attempts"][0]
-    assert first_cold["cache"]["hit"] is False and first_warm["cache"]["hit"] is True
+    if not (first_cold["cache"]["hit"] is False and first_warm["cache"]["hit"] is True):
+        raise RuntimeError("the cold run's first stage should miss and the warm one's hit")
     cold_s, warm_s = dependency_seconds(first_cold), dependency_seconds(first_warm)
     return {
-        "benchmark": "cache",
         "cold_s": cold_s,
         "warm_s": warm_s,
-        "speedup": round(cold_s / warm_s, 1),
+        "speedup": round(cold_s / warm_s, 1) if warm_s else None,  # None: warm took < 0.1 ms
         "target_speedup": 3,
         "archive_bytes": first_cold["cache"]["saved_bytes"],
         "cold_pipeline_s": cold["duration_s"],
         "warm_pipeline_s": warm["duration_s"],
+        "cold_wall_s": cold_wall,
+        "warm_wall_s": warm_wall,
         "cold_dependencies_all_stages_s": round(
-            sum(dependency_seconds(s["attempts"][0]) for s in cold["stages"]), 3),
+            sum(dependency_seconds(s["attempts"][0]) for s in cold["stages"] if s["attempts"]), 3),
         "warm_dependencies_all_stages_s": round(
-            sum(dependency_seconds(s["attempts"][0]) for s in warm["stages"]), 3),
+            sum(dependency_seconds(s["attempts"][0]) for s in warm["stages"] if s["attempts"]), 3),
     }  # fmt: skip
+
+
+def machine() -> dict:
+    node = shutil.which("node")
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "node": subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+        if node else None,
+        "kernel": platform.release(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],  # others' work skews the figures
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def attempt(part: str, fn: Callable[[], dict]) -> dict:
+    """A part's figures; its error instead when it fails (the other parts still run)."""
+    started = time.monotonic()
+    try:
+        figures = fn()
+    except Exception as e:
+        say(f"{part} failed:\n{traceback.format_exc()}")
+        figures = {"error": f"{type(e).__name__}: {e}"}
+    say(f"{part}: done in {time.monotonic() - started:.0f}s")
+    return figures
+
+
+def run_parts(stack: Stack, scratch: Path, parts: list[str], repeat: int,
+              projects: list[str]) -> dict:  # fmt: skip
+    figures: dict = {}
+    if "corpus" in parts:
+        corpus = attempt("corpus", lambda: bench_corpus(stack, scratch, repeat, projects))
+        figures["corpus"] = corpus.get("projects", corpus)
+        figures["restore_ms_p50"] = corpus.get("restore_ms_p50")
+        figures["restore_ms_samples"] = corpus.get("restore_ms")
+    if "noop" in parts:
+        noop = attempt("noop", lambda: bench_noop(stack, scratch))
+        figures["noop_pipeline_s"] = noop.pop("noop_pipeline_s", None)
+        figures["noop"] = noop
+    if "cache" in parts:
+        figures["cache"] = attempt("cache", lambda: bench_cache(stack))
+    return figures
+
+
+def run_benchmarks(parts: list[str], repeat: int, projects: list[str]) -> dict:
+    """The parts' figures, on the bench's own stack: up once, down at the end."""
+    started = time.monotonic()
+    result: dict = {"machine": machine(), "targets": TARGETS}
+    stack = Stack()
+    with tempfile.TemporaryDirectory(prefix="faasci-bench-") as scratch:
+        try:
+            stack.up()
+            result.update(run_parts(stack, Path(scratch), parts, repeat, projects))
+        except RuntimeError as e:  # the stack did not come up
+            result["error"] = str(e)
+        finally:
+            stack.down()
+    result["polling"] = {"interval_ms": POLL_S * 1000, "get_ms_p50": median(stack.polls_ms),
+                         "gets": len(stack.polls_ms)}  # fmt: skip
+    result["bench_s"] = round(time.monotonic() - started, 1)
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=["cache"])
+    parser.add_argument("names", nargs="*", metavar="name",
+                        help=f"parts to run: {', '.join(PARTS)} (default: all)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=3, help="corpus runs per kind (default 3)")
+    parser.add_argument("--project", action="append", default=[],
+                        help="only this corpus project (repeatable)")  # fmt: skip
     args = parser.parse_args()
-    print(json.dumps({"cache": bench_cache}[args.name](), indent=2))
+    if unknown := set(args.names) - set(PARTS):
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; parts are {', '.join(PARTS)}")
+    known = {a.name.removesuffix(".tar.gz") for a in CORPUS.glob("*.tar.gz")}
+    if unknown := set(args.project) - known:
+        parser.error(f"no corpus project {', '.join(sorted(unknown))} in {CORPUS}")
+    os.environ.update(BENCH_STACK)  # before faasci reads its settings
+    parts = [p for p in PARTS if p in args.names] if args.names else list(PARTS)
+    result = run_benchmarks(parts, max(args.repeat, 1), args.project)
+    print(json.dumps(result, indent=2))
+    sys.exit(1 if "error" in result else 0)
 
 
 if __name__ == "__main__":
