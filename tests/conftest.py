@@ -121,7 +121,7 @@ def corpus_repo(name: str, parent: Path, as_name: str | None = None) -> Path:
 
     tarball = CORPUS / f"{name}.tar.gz"
     if not tarball.exists():
-        pytest.skip(f"no corpus at {CORPUS}")
+        pytest.fail(f"no corpus at {CORPUS}: the verdict tests need it (FAASCI_CORPUS)")
     unpacked = parent / f".unpack-{as_name or name}"
     with tarfile.open(tarball) as tar:
         tar.extractall(unpacked, filter="data")
