@@ -25,7 +25,7 @@ from pathlib import Path
 from . import cache, git, pipeline, runs, services
 from .api import json_body, string_field
 from .errors import NotFound, UserError
-from .sandbox import stage_path
+from .sandbox import stable_service_dir, stage_path
 from .settings import settings
 
 log = logging.getLogger("faasci.invalidation")
@@ -128,19 +128,13 @@ def _keys(namespace: str, resolved: git.Resolved, spec: pipeline.Pipeline | None
     s = settings()
     manifests = cache.manifests_at_commit(spec.cache, resolved.repository, resolved.commit,
                                           resolved.path)  # fmt: skip
-    path = runtime_path(s.workspace / "src" / resolved.path if resolved.path
-                        else s.workspace / "src")  # fmt: skip
+    path = stage_path(stable_service_dir(resolved.path))  # the PATH its stages probe
     return {
         cache.compute_key(namespace, spec.cache, manifests,
                           cache.stage_runtime(path, s.workspace, stage.image)).value
         for stage in spec.stages.values()
         if stage.cache
     }  # fmt: skip
-
-
-def runtime_path(service_dir: Path) -> str:
-    """The PATH a stage of this node has (what its key's runtime is probed on)."""
-    return stage_path(service_dir)
 
 
 def _branch_heads(repo: str, resolved: git.Resolved) -> tuple[str, list[str]]:

@@ -24,6 +24,7 @@ documented FAASCI_*/CI variables, nothing else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import shutil
@@ -50,10 +51,6 @@ def _tool(name: str) -> str:
 MOUNT, MKDIR, UNSHARE, BASH = _tool("mount"), _tool("mkdir"), _tool("unshare"), _tool("bash")
 
 
-class SandboxError(Exception):
-    """The sandbox could not be made (an infrastructure failure, not the command's)."""
-
-
 def faasci_prefix() -> Path | None:
     """faas-ci's own virtualenv, when it runs from one."""
     return Path(sys.prefix) if sys.prefix != sys.base_prefix else None
@@ -66,6 +63,11 @@ def system_path() -> str:
         if entry and not (Path(entry).parent / "pyvenv.cfg").exists() and entry not in keep:
             keep.append(entry)
     return ":".join(keep) or SYSTEM_PATH
+
+
+def stable_service_dir(service_path: str) -> Path:
+    """Where a stage sees the service's folder (`service_path` inside the repository)."""
+    return settings().workspace / "src" / service_path
 
 
 def stage_path(service_dir: Path, system: str | None = None) -> str:
@@ -106,11 +108,7 @@ class Sandbox:
     @property
     def service_dir(self) -> Path:
         """Where the commands run, as they see it (the stable path)."""
-        return (
-            self.workspace / "src" / self.service_path
-            if self.service_path
-            else (self.workspace / "src")
-        )
+        return stable_service_dir(self.service_path)
 
     def system_path(self) -> str:
         """The system's tools, as the commands find them."""
@@ -270,6 +268,7 @@ class Container:
             self.container.remove(force=True)
 
 
+@functools.cache
 def _docker():
     import docker  # only stages that name an image need the engine
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import cache, git, invalidation, runs, services, shell, timers
 from .invoke import InvocationError
 from .runs import Next, Run
-from .sandbox import ImageSandbox, Overlay, Sandbox, SandboxError, stage_path
+from .sandbox import ImageSandbox, Overlay, Sandbox, stage_path
 from .settings import settings
 
 log = logging.getLogger("faasci.stage")
@@ -185,7 +185,7 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
                     commands, box.launch, env, spec.timeout, out,
                     cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
                 )  # fmt: skip
-    except (OSError, SandboxError) as e:  # e.g. the service folder is missing at this commit
+    except OSError as e:
         out.write(f"[faas-ci] cannot run commands: {e}\n".encode())
         return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report
     report = report and report.model_dump()

@@ -18,6 +18,7 @@ from faasci import cache, invalidation, pipeline, runs, services
 from faasci.cache import DependencyCache
 from faasci.nodecache import LOCK, NodeCache
 from faasci.objects import ObjectStore
+from faasci.sandbox import stable_service_dir, stage_path
 from faasci.settings import settings
 
 SPEC = pipeline.CacheSpec(setup=["true"], paths=["deps", "~/.tool-cache"],
@@ -289,7 +290,7 @@ def stage_key(repo: Path, commit: str | None = None) -> str:
     commit = commit or git(repo, "rev-parse", "HEAD")
     manifests = cache.manifests_at_commit(spec, str(repo), commit)
     s = settings()
-    runtime = cache.stage_runtime(invalidation.runtime_path(s.workspace / "src"), s.workspace)
+    runtime = cache.stage_runtime(stage_path(stable_service_dir("")), s.workspace)
     return cache.compute_key(cache.namespace_of(str(repo)), spec, manifests, runtime).value
 
 
