@@ -51,10 +51,12 @@ def callback_receiver():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    # On a port of its own: the test stack allows X-Callback-Url to it (FAASCI_CALLBACK_ALLOW).
+    server = ThreadingHTTPServer(("127.0.0.1", CALLBACK_PORT), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/done", received
     server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture
@@ -153,12 +155,20 @@ def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
         "OPENFAAS_URL": f"http://127.0.0.1:{gateway + PORT_OFFSET}",
         "FAASCI_NATS_PORT": str(nats + PORT_OFFSET),
         "FAASCI_S3_PORT": str(s3 + PORT_OFFSET),
+        # The OIDC provider and Vault beside the gateway: 28444 and 28200 for its 28080.
+        "FAASCI_OIDC_PORT": str(gateway + 364 + PORT_OFFSET),
+        "FAASCI_VAULT_PORT": str(gateway + 120 + PORT_OFFSET),
     }
 
 
 # Ports of the test stack: NATS 24222 (monitor 28222), S3 28333 (SeaweedFS 28334-28346),
-# gateway 28080 with the functions on 28081 and up.
+# gateway 28080 with the functions on 28081 and up, OIDC 28444, Vault 28200.
 TEST_STACK_ENV = stack_ports(28080, 24222, 28333)
+CALLBACK_PORT = 28070 + PORT_OFFSET  # callback_receiver's; the test stack's callbacks go there
+# the default (the stack's own functions) and the receiver
+TEST_STACK_ENV["FAASCI_CALLBACK_ALLOW"] = (
+    f"{TEST_STACK_ENV['OPENFAAS_URL']}/function/ http://127.0.0.1:{CALLBACK_PORT}/"
+)
 
 
 @pytest.fixture(scope="session")
@@ -172,6 +182,17 @@ def scheduled_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def webhook_repo(tmp_path_factory) -> Path:
+    """The repository signed pushes may start runs of on the test stack (WEBHOOK_REPOS:
+    its branch main and tags v*)."""
+    repo = tmp_path_factory.mktemp("webhook") / "sample-service"
+    shutil.copytree(SAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", ".*_cache"))
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit_all(repo, "webhook sample")
+    return repo
+
+
+@pytest.fixture(scope="session")
 def slack():
     """A local Slack (tests/slack_fake.py) that the test stack's notifier posts to."""
     from slack_fake import SlackFake
@@ -181,7 +202,7 @@ def slack():
 
 
 @pytest.fixture(scope="session")
-def stack(scheduled_repo, slack):
+def stack(scheduled_repo, webhook_repo, slack, tmp_path_factory):
     """The real local stack, started afresh once for the session in .faasci/test/, its
     notifier pointed at the local Slack."""
     from faasci.local import control
@@ -194,6 +215,9 @@ def stack(scheduled_repo, slack):
         "FAASCI_HOME": str(home),
         "FAASCI_SECRETS_DIR": str(home / "secrets"),
         "SCHEDULED_REPOS": str(scheduled_repo),
+        # and, as a pattern, the cache tests' repositories (tmp_path/cache-<name>)
+        "WEBHOOK_REPOS": f"{webhook_repo}#main,refs/tags/v* "
+        f"{tmp_path_factory.getbasetemp()}/*/cache-*",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -215,14 +239,23 @@ def stack(scheduled_repo, slack):
 
 
 @pytest.fixture(scope="session")
-def gateway(stack):
-    """A client of the test stack's gateway."""
+def token(stack):
+    """token(role) -> a bearer token from the test stack's OIDC provider for the client
+    test-<role> (viewer, runner, admin, or none: a token without roles)."""
+    from faasci.local import oidc
+
+    return lambda role: oidc.token(stack, f"test-{role}")
+
+
+@pytest.fixture(scope="session")
+def gateway(stack, token):
+    """A client of the test stack's gateway: an admin's token on every invocation, the
+    gateway's basic auth on /system/*."""
     from faasci.invoke import Gateway
     from faasci.local.control import system_auth
 
-    client = Gateway(stack.gateway_url, timeout=120)
-    client.session.auth = system_auth(stack)  # for /system/*; invocations need none
-    return client
+    return Gateway(stack.gateway_url, timeout=120, token=lambda: token("admin"),
+                   system_auth=system_auth(stack))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -250,3 +283,97 @@ def wait_for_run(gateway, run_id: str, timeout: float = 120) -> dict:
             return run
         assert time.monotonic() < deadline, f"run {run_id} still {run['status']}"
         time.sleep(0.3)
+
+
+def free_port_pair() -> int:
+    """A free port on 127.0.0.1 whose next port is free too."""
+    import socket
+
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory):
+    """A real OpenBao server of the session's own (its data in a temporary folder, on free
+    ports), prepared as `faasci up` prepares the stack's: KV v2 at secret/, the functions'
+    AppRoles (ids in `openbao.secrets_dir`), the platform secrets seeded. Yields the
+    faasci.local.openbao.OpenBao, with `secrets_dir` and `root` (a root hvac client)."""
+    from types import SimpleNamespace
+
+    from faasci.local.openbao import OpenBao
+
+    folder = tmp_path_factory.mktemp("openbao")
+    # Raft's cluster address takes the next port.
+    bao = OpenBao(storage=folder / "data", keys_dir=folder / "keys", port=free_port_pair())
+    bao.start(folder / "run", folder / "logs", dict(os.environ))
+    try:
+        root = bao.prepare(folder / "secrets")
+        yield SimpleNamespace(server=bao, url=bao.url, secrets_dir=folder / "secrets", root=root)
+    finally:
+        bao.stop(folder / "run")
+
+
+@pytest.fixture
+def vault_settings(openbao, tmp_path):
+    """Settings of a function logging in to `openbao` with the functions' AppRole (a copy
+    of the secrets folder of its own); faasci.vault's client and cache reset around."""
+    from dataclasses import replace
+
+    from faasci import settings, vault
+
+    # Outside /tmp, which a stage's sandbox replaces with its own anyway.
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="faasci-secrets-") as folder:
+        secrets_dir = Path(folder) / "secrets"
+        shutil.copytree(openbao.secrets_dir, secrets_dir)
+        value = replace(settings.Settings(), vault_addr=openbao.url, secrets_dir=secrets_dir,
+                        workdir=tmp_path / "work", workspace=tmp_path / "ws")  # fmt: skip
+        settings.configure(value)
+        vault.reset()
+        yield value
+        settings.configure(None)
+        vault.reset()
+
+
+@pytest.fixture(scope="session")
+def webhook(stack, client_settings):
+    """send(body, event="push", headers=None) -> the webhook function's answer to `body` as
+    GitHub delivers it: signed with the stack's webhook secret (read from its OpenBao, as
+    the function does), a fresh delivery id, no token of ours. `send.secret` is the secret."""
+    import hashlib
+    import hmac
+    import json
+    import uuid
+    from dataclasses import replace
+
+    import requests
+
+    from faasci import settings, vault
+
+    settings.configure(replace(client_settings, vault_addr=stack.vault_url))
+    vault.reset()
+    try:
+        secret = vault.platform_secret("webhook-secret")[0]
+    finally:
+        settings.configure(client_settings)
+        vault.reset()
+
+    def send(body, event: str = "push", headers: dict | None = None) -> requests.Response:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        signature = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+        signed = {"Content-Type": "application/json", "X-GitHub-Event": event,
+                  "X-GitHub-Delivery": str(uuid.uuid4()),
+                  "X-Hub-Signature-256": f"sha256={signature}", **(headers or {})}  # fmt: skip
+        return requests.post(f"{stack.gateway_url}/function/webhook", data=raw,
+                             headers={k: v for k, v in signed.items() if v is not None},
+                             timeout=120)  # fmt: skip
+
+    send.secret = secret
+    return send

@@ -264,8 +264,8 @@ def test_function_image_runs_behind_of_watchdog_as_non_root(podman, images):
     assert (library / "stage.py").is_file()
     assert not (library / "local").exists() and not (library / "cli.py").exists()  # people's
     resp = requests.post(url, json={"repo": "relative/path"}, timeout=10)
-    assert resp.status_code == 400, resp.text
-    assert resp.json()["field"] == "repo"
+    assert resp.status_code == 401, resp.text  # the router asks who is calling, first
+    assert resp.json()["field"] == "Authorization"
     container.remove(force=True)
 
 

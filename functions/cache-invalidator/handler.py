@@ -2,11 +2,6 @@
 from the webhook), and entries unused past the retention period (on its schedule)."""
 
 from faasci import invalidation
-from faasci.api import endpoint, is_cron
+from faasci.api import Router
 
-
-@endpoint
-def handle(event, context):
-    if is_cron(event):
-        return invalidation.scheduled()
-    return invalidation.route(event)
+handle = Router("cache-invalidator", invalidation.ROUTES, on_schedule=invalidation.scheduled)

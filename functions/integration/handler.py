@@ -1,5 +1,5 @@
-"""The integration stage: run this stage's commands of a run (see faasci.api.stage_handler)."""
+"""The integration stage: run this stage's commands of a run (see faasci.api.stage_router)."""
 
-from faasci.api import stage_handler
+from faasci.api import stage_router
 
-handle = stage_handler("integration")
+handle = stage_router("integration")

@@ -1,9 +1,7 @@
-"""Serves stored stage logs: GET /<run id>/<stage>[/<attempt>] as plain text."""
+"""Serves stored stage logs: GET /<run id>/<stage>[/<attempt>] as plain text, to viewers and
+to holders of a signed link."""
 
 from faasci import logs
-from faasci.api import endpoint
+from faasci.api import Router
 
-
-@endpoint
-def handle(event, context):
-    return logs.serve(event.path)
+handle = Router("pipeline-log", logs.ROUTES)

@@ -1,9 +1,7 @@
-"""Run status and history as JSON: GET / lists runs, GET /<id> shows one, POST / starts one."""
+"""Run status and history as JSON: GET / lists runs, GET /<id> shows one, POST / starts one,
+POST /<id>/cancel stops one (routes and roles: faasci.runs_api.ROUTES)."""
 
 from faasci import runs_api
-from faasci.api import endpoint
+from faasci.api import Router
 
-
-@endpoint
-def handle(event, context):
-    return runs_api.route(event)
+handle = Router("runs", runs_api.ROUTES)

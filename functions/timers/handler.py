@@ -2,11 +2,8 @@
 alert redelivery) from a JetStream timer stream; GET answers how many timers fired."""
 
 from faasci import timers_service
-from faasci.api import endpoint
+from faasci.api import Route, Router
 
 worker = timers_service.start()  # every replica shares the stream's durable consumer
 
-
-@endpoint
-def handle(event, context):
-    return {"fired": worker.fired}
+handle = Router("timers", [Route("GET", "/", "viewer", lambda event, p: {"fired": worker.fired})])

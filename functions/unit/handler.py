@@ -1,5 +1,5 @@
-"""The unit stage: run this stage's commands of a run (see faasci.api.stage_handler)."""
+"""The unit stage: run this stage's commands of a run (see faasci.api.stage_router)."""
 
-from faasci.api import stage_handler
+from faasci.api import stage_router
 
-handle = stage_handler("unit")
+handle = stage_router("unit")

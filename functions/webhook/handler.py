@@ -1,12 +1,12 @@
-"""Starts runs from git push events (and from cron-connector's schedule)."""
+"""Starts runs from git push events (the git host's signature is checked by
+faasci.webhooks.handle) and from cron-connector's schedule."""
 
 from faasci import webhooks
-from faasci.api import endpoint, is_cron, json_body
+from faasci.api import Route, Router
 from faasci.trigger import scheduled
 
-
-@endpoint
-def handle(event, context):
-    if is_cron(event):
-        return scheduled()
-    return webhooks.on_push(json_body(event))
+handle = Router(
+    "webhook",
+    [Route("POST", "/", "webhook", lambda event, principal: webhooks.handle(event))],
+    on_schedule=scheduled,
+)

@@ -50,9 +50,13 @@ def transient(error: BaseException) -> bool:
 
 
 class Bus:
-    def __init__(self, url: str, name: str = "faasci"):
+    def __init__(self, url: str, name: str = "faasci", user: str | None = None,
+                 password: str | None = None):  # fmt: skip
+        """`user` and `password`: NATS credentials (settings: NATS_USER and the secret
+        `nats-token`); None for a NATS that asks for none."""
         self.url = url
         self.name = name
+        self._credentials = {"user": user, "password": password} if password else {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
         self._thread.start()
@@ -137,6 +141,7 @@ class Bus:
                 error_cb=self._on_error,
                 disconnected_cb=self._on_down,
                 reconnected_cb=self._on_up,
+                **self._credentials,
             )
         except Exception as e:  # a bad URL, refused credentials: the next call tries again
             self._last_error = e
@@ -167,15 +172,16 @@ class Bus:
         # sent again by `call`'s patience, instead of blocking a heartbeat past its lease.
         return (await self.nc()).jetstream(timeout=5)
 
-    async def bucket(self, name: str) -> KeyValue:
-        """The key-value bucket, created with file storage on first use."""
+    async def bucket(self, name: str, ttl: float | None = None) -> KeyValue:
+        """The key-value bucket, created with file storage on first use; with `ttl`, its
+        entries expire that many seconds after they were written."""
         if name not in self._buckets:
             js = await self.js()
             try:
                 self._buckets[name] = await js.key_value(name)
             except BucketNotFoundError:
                 self._buckets[name] = await js.create_key_value(
-                    KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+                    KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE, ttl=ttl)
                 )
         return self._buckets[name]
 

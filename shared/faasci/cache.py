@@ -79,20 +79,29 @@ class CorruptArchive(Exception):
 
 
 def normalize_repo(repo: str) -> str:
-    """One spelling per repository: scheme and host lowercased, credentials, default ports,
-    a trailing `/` and `.git` dropped; `git@host:owner/name` is `ssh://git@host/owner/name`;
-    a local path (or file:// URL) is its real path."""
+    """One spelling per repository: scheme and host lowercased, HTTP credentials, default
+    ports, a trailing `/` and `.git` dropped; `git@host:owner/name` is
+    `ssh://git@host/owner/name`; a local path (or file:// URL) is its real path.
+
+    Only what never changes which repository git fetches is dropped: an SSH user is kept
+    (`alice@host:repo` and `bob@host:repo` are two home folders), and so are a query and a
+    fragment (a server may serve other content for them), so no spelling of one repository
+    can name another's namespace."""
     scp = re.fullmatch(r"([\w.-]+@)?([\w.-]+):(?!//)(.+)", repo)
     if scp and not os.path.isabs(repo):
         repo = f"ssh://{scp.group(1) or ''}{scp.group(2)}/{scp.group(3).lstrip('/')}"
     parts = urlsplit(repo)
+    extra = (f"?{parts.query}" if parts.query else "") + (
+        f"#{parts.fragment}" if parts.fragment else ""
+    )
     if parts.scheme.lower() == "file" or not parts.scheme:
-        return os.path.realpath(parts.path if parts.scheme else repo)
+        return os.path.realpath(parts.path) + extra if parts.scheme else os.path.realpath(repo)
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     default_port = {"ssh": 22, "http": 80, "https": 443, "git": 9418}.get(scheme)
     port = f":{parts.port}" if parts.port and parts.port != default_port else ""
+    user = f"{parts.username}@" if scheme == "ssh" and parts.username else ""
     path = parts.path.rstrip("/").removesuffix(".git").rstrip("/")
-    return f"{scheme}://{host}{port}{path}"
+    return f"{scheme}://{user}{host}{port}{path}{extra}"
 
 
 def namespace_of(repo: str) -> str:
@@ -185,7 +194,7 @@ def _blobs(repository: str, objects: list[str]) -> list[bytes]:
         return []
     done = subprocess.run(
         ["git", "cat-file", "--batch"], cwd=repository, capture_output=True, check=False,
-        input="".join(f"{o}\n" for o in objects).encode(), env={**os.environ, **git.GIT_ENV},
+        input="".join(f"{o}\n" for o in objects).encode(), env=git.git_env(),
         timeout=git.NETWORK_TIMEOUT,
     )  # fmt: skip
     if done.returncode != 0:

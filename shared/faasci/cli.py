@@ -107,6 +107,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--older-than", type=float, metavar="DAYS", help="purge: unused this long")
     c.add_argument("--all", action="store_true", help="purge: every entry")
     c.add_argument("--json", action="store_true")
+    c = command("audit", cmd_audit, "list the audit trail: who started, cancelled, purged what")
+    c.add_argument("--since", help="an ISO 8601 time or a duration back from now: 30m, 1h, 2d")
+    c.add_argument("--run", help="only the entries of this run")
+    c.add_argument("--limit", type=int, default=1000, help="the newest this many (default 1000)")
+    c.add_argument("--json", action="store_true")
+    c = command("secrets", cmd_secrets, "stage secrets of a repository, and the platform's")
+    c.add_argument("action", choices=["put", "ls", "rotate", "show-webhook"],
+                   help="put <repo> <path> KEY=VALUE...: write a stage secret (`<path>#KEY` "
+                   "in a pipeline); ls <repo>: its secrets' names; rotate [NAME...]: rotate "
+                   "platform secrets (default internal-signing); show-webhook: the value to "
+                   "configure a git host's webhook with (local stack)")  # fmt: skip
+    c.add_argument("args", nargs="*", help="the action's arguments")
+    c.add_argument("--force", action="store_true", help="rotate: even inside the overlap")
+    c.add_argument("--json", action="store_true")
+    command("token", cmd_token, "print your access token (for curl: Authorization: Bearer ...)")
     c = command("invoke", cmd_invoke, "invoke a function through the gateway, print its answer")
     c.add_argument("function")
     c.add_argument("body", nargs="?", default="", help="request body (JSON)")
@@ -121,7 +136,29 @@ def gateway_url() -> str:
 
 
 def gateway() -> Gateway:
-    return Gateway(gateway_url())
+    return Gateway(gateway_url(), token=token)
+
+
+def token() -> str:
+    """The caller's OIDC access token: FAASCI_TOKEN (or OIDC_TOKEN) on a cluster, else one
+    the local stack's provider issues to the local user (kept until shortly before expiry)."""
+    given = os.environ.get("FAASCI_TOKEN") or os.environ.get("OIDC_TOKEN")
+    if given:
+        return given.strip()
+    from .local import oidc
+
+    try:
+        return oidc.token(LocalConfig.from_env())
+    except (KeyError, OSError, RuntimeError, requests.RequestException) as e:
+        raise CommandError(
+            f"no token for the gateway ({e}); set FAASCI_TOKEN to an access token of your "
+            "OIDC issuer, or start the local stack (`faasci up`)"
+        ) from None
+
+
+def cmd_token(args) -> int:
+    print(token())
+    return 0
 
 
 def answer(resp: requests.Response) -> dict:
@@ -303,6 +340,70 @@ def cmd_cache(args) -> int:
         body["older_than_days"] = args.older_than
     removed = answer(gw.call("cache-invalidator", body, path="purge"))["removed"]
     print(json.dumps(removed, indent=2) if args.json else f"removed {len(removed)} entries")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    query = {"limit": args.limit, **({"since": args.since} if args.since else {}),
+             **({"run": args.run} if args.run else {})}  # fmt: skip
+    entries = answer(gateway().call("runs", method="GET", path="audit", query=query))["entries"]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    table = Table("time", "actor", "action", "repo", "ref", "commit", "run", "detail")
+    for e in entries:
+        detail = " ".join(f"{k}={v}" for k, v in (e.get("detail") or {}).items())
+        table.add_row(e["time"][:19].replace("T", " "), e["actor"], e["action"],
+                      e.get("repo") or "", e.get("ref") or "", (e.get("commit") or "")[:12],
+                      e.get("run") or "", detail)  # fmt: skip
+    Console().print(table)
+    return 0
+
+
+def cmd_secrets(args) -> int:
+    from .cache import namespace_of
+
+    gw, rest = gateway(), list(args.args)
+
+    def repo_namespace(repo: str) -> str:  # as the runs function names the repository
+        return namespace_of(os.path.abspath(repo) if os.path.exists(repo) else repo)
+
+    if args.action == "put":
+        if len(rest) < 3 or not all("=" in kv for kv in rest[2:]):
+            raise CommandError("usage: faasci secrets put <repo> <path> KEY=VALUE...")
+        values = dict(kv.split("=", 1) for kv in rest[2:])
+        path = f"repos/{repo_namespace(rest[0])}/{rest[1]}"
+        done = answer(gw.call("secrets", values, path=path, method="PUT"))
+        print(
+            json.dumps(done, indent=2)
+            if args.json
+            else f"wrote {', '.join(done['keys'])} to {rest[1]} (version {done['version']})"
+        )
+    elif args.action == "ls":
+        if len(rest) != 1:
+            raise CommandError("usage: faasci secrets ls <repo>")
+        found = answer(gw.call("secrets", method="GET", path=f"repos/{repo_namespace(rest[0])}"))
+        if args.json:
+            print(json.dumps(found, indent=2))
+        for path, keys in ({} if args.json else found["secrets"]).items():
+            print(f"{path}: {', '.join(keys)}")
+    elif args.action == "rotate":
+        body = {"names": rest or ["internal-signing"], "force": args.force}
+        rotated = answer(gw.call("secrets", body, path="rotate"))["rotated"]
+        for r in rotated:
+            until = r["previous_until"]
+            print(
+                json.dumps(r)
+                if args.json
+                else f"rotated {r['name']}; its previous value is accepted until {until}"
+            )
+    else:  # show-webhook: read with the local stack's own OpenBao root token
+        from .local import openbao
+
+        values = openbao.read_platform(LocalConfig.from_env(), "webhook-secret")
+        print(values[0])
+        if len(values) > 1:
+            err.print("(the previous value is still accepted during its overlap window)")
     return 0
 
 

@@ -182,6 +182,8 @@ def _parsed(name: str, read: Reader, parse, error) -> dict:
         data = parse(text)
     except error as e:
         raise Unprocessable(f"{name} cannot be read: {e}", field=name) from None
+    except RecursionError:  # nesting without end, from the repository: a 422, not a 500
+        raise Unprocessable(f"{name} cannot be read: it nests too deeply", field=name) from None
     if not isinstance(data, dict):
         raise Unprocessable(f"{name} must hold a mapping", field=name)
     return data
@@ -219,7 +221,7 @@ def _ruff_pin(text: str) -> str | None:
     is a version tag, else the `# frozen: vX.Y.Z` comment beside a commit `rev`."""
     try:
         repos = (yaml.safe_load(text) or {}).get("repos") or []
-    except (yaml.YAMLError, AttributeError):
+    except (yaml.YAMLError, AttributeError, RecursionError):
         return None
     for repo in repos:
         if not isinstance(repo, dict):

@@ -2,13 +2,28 @@
 
 Every git call passes user input after `--` or as a validated value, never where git
 could read it as an option (a ref like `--upload-pack=...` is refused before git runs).
+
+A local repository is untrusted input too: its `.git/config` can name commands git would
+run (core.fsmonitor, core.hooksPath, filter drivers for its .gitattributes, diff.external,
+core.sshCommand, gpg.program, credential helpers, includes of any of these...). So git is
+never run *in* it. Its commits are fetched (git's upload-pack, which is made to serve
+untrusted repositories and runs nothing they configure) into a store of faas-ci's own per
+repository (`<snapshots>/<namespace>.git`); its working tree is read with GIT_DIR set to
+that store, GIT_WORK_TREE to the tree and an index of the store's, so git reads no config
+but the store's and faas-ci's (fsmonitor, hooks and signing off); the top of the working
+tree is found by looking for `.git` in the file system. Nothing is written into the
+repository: not an object, a ref, its index (not even a stat refresh) nor a lock.
+Stages check out from the store, never from the repository.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +43,35 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "faas-ci",
     "GIT_COMMITTER_EMAIL": "faasci@localhost",
 }
+# Settings that would run a command, forced off in every git faas-ci runs (over any
+# config file, the caller's global one included; passed on to the git processes it starts).
+SAFE_CONFIG = {
+    "core.fsmonitor": "false",
+    "core.hooksPath": "/dev/null",
+    "core.untrackedCache": "false",
+    "commit.gpgSign": "false",
+    "tag.gpgSign": "false",
+    "protocol.ext.allow": "never",
+}
+
+
+def _config_env(base: dict) -> dict:
+    """GIT_CONFIG_COUNT/KEY/VALUE adding SAFE_CONFIG after whatever `base` sets already."""
+    try:
+        count = int(base.get("GIT_CONFIG_COUNT") or 0)
+    except ValueError:
+        count = 0
+    env = {}
+    for n, (key, value) in enumerate(SAFE_CONFIG.items(), start=count):
+        env[f"GIT_CONFIG_KEY_{n}"], env[f"GIT_CONFIG_VALUE_{n}"] = key, value
+    env["GIT_CONFIG_COUNT"] = str(count + len(SAFE_CONFIG))
+    return env
+
+
+def git_env(extra: dict | None = None) -> dict:
+    """The environment of a git faas-ci runs."""
+    env = {**os.environ, **GIT_ENV, **(extra or {})}
+    return {**env, **_config_env(env)}
 
 
 class GitError(Exception):
@@ -49,7 +93,7 @@ def git(
             text=True,
             errors="replace",
             timeout=timeout,
-            env={**os.environ, **GIT_ENV, **(env or {})},
+            env=git_env(env),
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
@@ -119,24 +163,18 @@ class Resolved:
 
 
 def resolve(repo: str, ref: str | None, snapshots: Path, scratch: Path) -> Resolved:
-    """Pin `repo` at `ref` to a commit. A local path without a ref means its working tree:
-    when that has uncommitted changes, a snapshot commit of it is stored in `snapshots`."""
+    """Pin `repo` at `ref` to a commit. A local path's commits are fetched into its store
+    under `snapshots` (what stages check out from); without a ref it means its working
+    tree: HEAD when that is clean, else a snapshot commit of it made in the store."""
     repo = validate_repo(repo)
     if ref is not None:
         validate_ref(ref)
-    source, path, snapshot = repo, "", False
     if not URL_RE.match(repo):
-        source, path = _local_repository(repo)
-        if ref is None:
-            commit, snapshot = _working_tree_commit(source, snapshots)
-            if snapshot:
-                source = str(snapshots)
-            ref = ref or _current_branch(repo) or commit
-            return _describe(source, commit, ref, path, snapshot, repo)
+        return _resolve_local(repo, ref, snapshots)
     ref = ref or "HEAD"
     bare = scratch / "resolve.git"
     try:
-        git("clone", "--bare", "--quiet", "--", source, str(bare))
+        git("clone", "--bare", "--quiet", "--", repo, str(bare))
     except GitError as e:
         raise Unprocessable(f"cannot read repository {repo!r}: {e}", field="repo") from None
     try:
@@ -145,57 +183,184 @@ def resolve(repo: str, ref: str | None, snapshots: Path, scratch: Path) -> Resol
         )
     except GitError:
         raise Unprocessable(f"ref {ref!r} not found in {repo!r}", field="ref") from None
-    return _describe(str(bare), commit, ref, path, False, repo, source=source)
+    return _describe(str(bare), commit, ref, "", False, repo, source=repo)
+
+
+def _resolve_local(path: str, ref: str | None, snapshots: Path) -> Resolved:
+    top, rel = _local_repository(path)
+    branch, head = _local_head(top)
+    store = repository_store(snapshots, top)
+    with _locked(store):
+        _mirror(top, store)
+        if ref is None:
+            commit, snapshot = _working_tree_commit(top, store, head)
+            ref = branch or commit
+        else:
+            snapshot, commit = False, _store_commit(store, ref)
+            if commit is None:
+                raise Unprocessable(f"ref {ref!r} not found in {path!r}", field="ref")
+        # Kept while the store is: a run's stages (and their retries) check it out later.
+        git("update-ref", f"refs/bases/{commit}", commit, env=_store_env(store))
+    return _describe(str(store), commit, ref, rel, snapshot, path)
+
+
+def _store_commit(store: Path, ref: str) -> str | None:
+    """The commit of the repository's `ref` (a branch, a tag, HEAD, a commit) in its store;
+    never one of the store's own refs (refs/bases, refs/snapshots...)."""
+    if ref == "HEAD":
+        names = ["refs/faasci/head"]
+    elif ref.startswith("refs/"):
+        names = [ref] if ref.startswith(("refs/heads/", "refs/tags/")) else []
+    else:
+        names = [f"refs/heads/{ref}", f"refs/tags/{ref}", *([ref] if SHA_RE.match(ref) else [])]
+    for name in names:
+        try:
+            return git("rev-parse", "--verify", "--quiet", "--end-of-options",
+                       f"{name}^{{commit}}", env=_store_env(store))  # fmt: skip
+        except GitError:
+            continue
+    return None
+
+
+def find_top(path: str) -> str | None:
+    """The working tree holding `path`: the nearest folder upwards (not above
+    GIT_CEILING_DIRECTORIES) with a `.git` folder, or a `.git` file naming one (a worktree,
+    a submodule). Read from the file system: git is not run in a repository to find it."""
+    ceilings = {os.path.realpath(c) for c in os.environ.get("GIT_CEILING_DIRECTORIES", "")
+                .split(":") if c}  # fmt: skip
+    folder = os.path.realpath(path)
+    while True:
+        dot_git = os.path.join(folder, ".git")
+        if os.path.isfile(os.path.join(dot_git, "HEAD")):
+            return folder
+        if os.path.isfile(dot_git):
+            with contextlib.suppress(OSError, UnicodeDecodeError), open(dot_git) as f:
+                if f.read(8) == "gitdir: ":
+                    return folder
+        parent = os.path.dirname(folder)
+        if parent == folder or parent in ceilings:
+            return None
+        folder = parent
 
 
 def _local_repository(path: str) -> tuple[str, str]:
     if not os.path.isdir(path):
         raise Unprocessable(f"repository path {path!r} does not exist", field="repo")
-    try:
-        top = git("rev-parse", "--show-toplevel", cwd=path)
-    except GitError:
-        raise Unprocessable(f"{path!r} is not inside a git repository", field="repo") from None
-    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(top))
+    top = find_top(path)
+    if top is None:
+        raise Unprocessable(f"{path!r} is not inside a git repository", field="repo")
+    rel = os.path.relpath(os.path.realpath(path), top)
+    if rel.split(os.sep)[0] == ".git":
+        raise Unprocessable(f"{path!r} is inside a .git folder, not a working tree", field="repo")
     return top, "" if rel == "." else rel
 
 
-def _current_branch(path: str) -> str | None:
+def _local_head(top: str) -> tuple[str | None, str]:
+    """(HEAD's branch or None when detached, HEAD's commit), as upload-pack tells it."""
     try:
-        return git("symbolic-ref", "--quiet", "--short", "HEAD", cwd=path) or None
-    except GitError:
-        return None
+        listing = git("ls-remote", "--symref", "--", top, "HEAD")
+    except GitError as e:
+        raise Unprocessable(f"cannot read repository {top!r}: {e}", field="repo") from None
+    branch, head = None, None
+    for line in listing.splitlines():
+        target, _, name = line.partition("\t")
+        if name != "HEAD":
+            continue
+        if target.startswith("ref: refs/heads/"):
+            branch = target.removeprefix("ref: refs/heads/")
+        elif SHA_RE.match(target):
+            head = target
+    if head is None:
+        raise Unprocessable(f"repository {top!r} has no commits", field="repo")
+    return branch, head
 
 
-def _working_tree_commit(top: str, snapshots: Path) -> tuple[str, bool]:
+def repository_store(snapshots: Path, top: str) -> Path:
+    """The store of faas-ci's own for the repository at `top`: one per repository (its
+    cache namespace), so no run ever sees another repository's objects."""
+    from .cache import namespace_of  # (cache imports this module)
+
+    return snapshots / f"{namespace_of(top)}.git"
+
+
+def _store_env(store: Path, **extra: str) -> dict:
+    return {"GIT_DIR": str(store.resolve()), **extra}
+
+
+@contextlib.contextmanager
+def _locked(store: Path) -> Iterator[None]:
+    """The store to ourselves (every function process of the node may resolve at once)."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{store}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (store / "HEAD").exists():
+                git("init", "--bare", "--quiet", "--", str(store))
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _mirror(top: str, store: Path) -> None:
+    """The repository's branches, tags and HEAD, fetched into the store (upload-pack only
+    reads the repository)."""
+    try:
+        git("fetch", "--quiet", "--no-tags", "--prune", "--no-write-fetch-head",
+            "--no-recurse-submodules", "--", top, "+HEAD:refs/faasci/head",
+            "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*",
+            env=_store_env(store))  # fmt: skip
+    except GitError as e:
+        raise Unprocessable(f"cannot read repository {top!r}: {e}", field="repo") from None
+
+
+def _working_tree_commit(top: str, store: Path, head: str) -> tuple[str, bool]:
     """HEAD when the working tree is clean; else a snapshot commit of it (untracked files
-    included, ignored ones not), stored in the snapshot store. Nothing is written into the
-    repository (its objects, refs, index or hooks), so it may even be mounted read-only."""
-    reading = {"GIT_OPTIONAL_LOCKS": "0"}  # `status` must not refresh the user's index
+    included, ignored ones not), made in the store. The tree is read through the store's
+    own index (with its stat cache, so unchanged files are not read again)."""
+    head = git("rev-parse", "--verify", "--quiet", "refs/faasci/head^{commit}",
+               env=_store_env(store)) or head  # fmt: skip
+    index = store / "faasci-index"
+    Path(f"{index}.lock").unlink(missing_ok=True)  # left by a killed resolve (we hold the lock)
+    _copy_excludes(top, store)
+    env = _store_env(store, GIT_WORK_TREE=top, GIT_INDEX_FILE=str(index))
     try:
-        head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}", cwd=top, env=reading)
-    except GitError:
-        raise Unprocessable(f"repository {top!r} has no commits", field="repo") from None
-    if not git("status", "--porcelain", "--untracked-files=all", cwd=top, env=reading):
-        return head, False
-    if not (snapshots / "HEAD").exists():
-        git("init", "--bare", "--quiet", str(snapshots))
-    # The store gets HEAD's history first (a fetch only reads the repository), then the
-    # snapshot's new objects are written straight into the store, never into the repository.
-    git("fetch", "--quiet", "--no-tags", "--", top, f"+HEAD:refs/snapshot-bases/{head}",
-        cwd=snapshots)  # fmt: skip
-    index = snapshots.parent / f"snapshot-index-{os.getpid()}-{id(top)}"
-    into_store = {**reading, "GIT_INDEX_FILE": str(index),
-                  "GIT_OBJECT_DIRECTORY": str((snapshots / "objects").resolve())}  # fmt: skip
-    try:
-        git("read-tree", head, cwd=top, env=into_store)
-        git("add", "--all", cwd=top, env=into_store)
-        tree = git("write-tree", cwd=top, env=into_store)
-        commit = git("commit-tree", tree, "-p", head, "-m", "faas-ci snapshot of the working tree",
-                     cwd=top, env=into_store)  # fmt: skip
-    finally:
+        git("read-tree", "-m", head, env=env)  # keeps the stat data of unchanged entries
+    except GitError:  # an index of another git version, or damaged: start afresh
         index.unlink(missing_ok=True)
-    git("update-ref", f"refs/snapshots/{commit}", commit, cwd=snapshots)
+        git("read-tree", head, env=env)
+    git("add", "--all", cwd=top, env=env)
+    tree = git("write-tree", env=env)
+    if tree == git("rev-parse", f"{head}^{{tree}}", env=env):
+        return head, False
+    commit = git("commit-tree", "--no-gpg-sign", tree, "-p", head, "-m",
+                 "faas-ci snapshot of the working tree", env=env)  # fmt: skip
+    git("update-ref", f"refs/snapshots/{commit}", commit, env=env)
     return commit, True
+
+
+def _copy_excludes(top: str, store: Path) -> None:
+    """The repository's own ignore list (.git/info/exclude) as the store's, so a snapshot
+    leaves out what `git status` there leaves out."""
+    text = ""
+    git_dir = _git_dir(top)
+    if git_dir:
+        common = git_dir
+        with contextlib.suppress(OSError):
+            common = os.path.join(git_dir, Path(git_dir, "commondir").read_text().strip())
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(common, "info", "exclude").read_text()
+    (store / "info").mkdir(exist_ok=True)
+    (store / "info" / "exclude").write_text(text)
+
+
+def _git_dir(top: str) -> str | None:
+    dot_git = os.path.join(top, ".git")
+    if os.path.isdir(dot_git):
+        return dot_git
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        target = Path(dot_git).read_text().strip().removeprefix("gitdir:").strip()
+        return os.path.join(top, target)
+    return None
 
 
 def _describe(

@@ -6,9 +6,9 @@ stage that uses the cache), or while a run of the repository used it in the last
 RECENT_RUN_DAYS. Everything else in the repository's namespace goes. So a push to a
 feature branch that changes a manifest never removes the key the main branch uses.
 
-  POST /        {"repo", "commit" or "ref", "changed"?: [paths]}  (a push; `faasci run`)
-  POST /purge   {"service"?, "repo"?, "older_than_days"?, "all"?} (people: faasci cache purge)
-  GET  /        the entries (?service=, ?repo=)                   (faasci cache ls)
+  POST /        {"repo", "commit" or "ref", "changed"?: [paths]}  (internal: a stage, a push)
+  POST /purge   {"service"?, "repo"?, "older_than_days"?, "all"?} (admin: faasci cache purge)
+  GET  /        the entries (?service=, ?repo=)                   (viewer: faasci cache ls)
   cron          every configured repository checked, then retention
 """
 
@@ -22,9 +22,9 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-from . import cache, git, pipeline, runs, services
-from .api import json_body, string_field
-from .errors import NotFound, UserError
+from . import audit, cache, git, pipeline, runs, services
+from .api import Route, json_body, string_field
+from .errors import UserError
 from .sandbox import stable_service_dir, stage_path
 from .settings import settings
 
@@ -37,24 +37,29 @@ def retention_days() -> float:
     return float(os.environ.get("CACHE_RETENTION_DAYS", "30"))
 
 
-def route(event) -> dict:
-    parts = [p for p in event.path.split("/") if p]
-    if event.method == "GET" and not parts:
-        return {"entries": listed(event.query.get("service") or None,
-                                  event.query.get("repo") or None)}  # fmt: skip
-    if event.method == "POST" and not parts:
-        body = json_body(event)
-        changed = body.get("changed")
-        if changed is not None and not (
-            isinstance(changed, list) and all(isinstance(p, str) for p in changed)
-        ):
-            raise UserError("changed must be a list of paths", field="changed")
-        return check(string_field(body, "repo"),
-                     string_field(body, "commit", required=False)
-                     or string_field(body, "ref", required=False), changed)  # fmt: skip
-    if event.method == "POST" and parts == ["purge"]:
-        return purge(json_body(event))
-    raise NotFound(f"no route {event.method} {event.path}", field="path")
+def _listing(event, principal) -> dict:
+    return {"entries": listed(event.query.get("service") or None,
+                              event.query.get("repo") or None)}  # fmt: skip
+
+
+def _check(event, principal) -> dict:
+    body = json_body(event)
+    changed = body.get("changed")
+    if changed is not None and not (
+        isinstance(changed, list) and all(isinstance(p, str) for p in changed)
+    ):
+        raise UserError("changed must be a list of paths", field="changed")
+    return check(string_field(body, "repo"),
+                 string_field(body, "commit", required=False)
+                 or string_field(body, "ref", required=False), changed)  # fmt: skip
+
+
+# The check is the bundle's own request (a stage's new key, a push); people list and purge.
+ROUTES = [
+    Route("GET", "/", "viewer", _listing),
+    Route("POST", "/", "admin", _check),  # a stage asks after adopting a new key; an admin may too
+    Route("POST", "/purge", "admin", lambda event, principal: purge(json_body(event))),
+]
 
 
 def listed(service: str | None = None, repo: str | None = None) -> list[dict]:
@@ -138,11 +143,10 @@ def _keys(namespace: str, resolved: git.Resolved, spec: pipeline.Pipeline | None
 
 
 def _branch_heads(repo: str, resolved: git.Resolved) -> tuple[str, list[str]]:
-    """Where the repository's branches are, and their heads: git.resolve's clone of a URL
-    (it holds every branch), or the local repository itself (not the snapshot store)."""
+    """Where the repository's branches are, and their heads: git.resolve's clone of a URL,
+    or a local repository's store (both hold every branch; git never runs in a local
+    repository itself)."""
     where = resolved.repository
-    if resolved.snapshot:
-        where = git.git("rev-parse", "--show-toplevel", cwd=repo)
     heads = git.git("for-each-ref", "--format=%(objectname)", "refs/heads/", cwd=where)
     return where, sorted(set(heads.split()) - {resolved.commit})
 
@@ -190,6 +194,8 @@ def purge(body: dict) -> dict:
         chosen = [e for e in chosen if e.get("service") == service]
     if repo:
         chosen = [e for e in chosen if e.get("namespace") == cache.namespace_of(repo)]
+    asked = {"service": service, "older_than_days": days, "all": everything is True}
+    audit.record("cache.purge", repo=repo, detail={**asked, "entries": len(chosen)})
     for entry in chosen:
         store.remove(entry)
     return {"removed": [_brief(e) for e in chosen]}

@@ -1,13 +1,51 @@
-"""The one client for invoking functions through an OpenFaaS gateway, sync or async."""
+"""The one client for invoking functions through an OpenFaaS gateway, sync or async.
+
+Every /function and /async-function request carries credentials: a bearer token when one
+is given (the CLI, tests: a str, or a callable giving a fresh one), else the bundle's
+internal signature when this process holds the signing secret (functions). /system calls
+use the gateway's basic auth (`system_auth`), which never travels to a function.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
 
 import requests
 
+from . import auth
+
 ASYNC_BODY_LIMIT = 256_000  # the queue-worker's cap; async bodies carry references only
+
+
+class Credentials(requests.auth.AuthBase):
+    """requests' auth hook: chooses per request, so whatever goes through the session
+    (Gateway's calls, or session.get/post of a test) is authenticated the right way."""
+
+    def __init__(self, token: str | Callable[[], str] | None, system_auth: tuple | None):
+        self.token, self.system_auth = token, system_auth
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        path = unquote(urlsplit(r.url).path)
+        kind, _, rest = path.lstrip("/").partition("/")
+        if kind == "system" and self.system_auth:
+            return requests.auth.HTTPBasicAuth(*self.system_auth)(r)
+        if kind not in ("function", "async-function") or "Authorization" in r.headers:
+            return r
+        if self.token:
+            token = self.token() if callable(self.token) else self.token
+            r.headers["Authorization"] = f"Bearer {token}"
+            return r
+        function, _, inner = rest.partition("/")
+        body = r.body.encode() if isinstance(r.body, str) else (r.body or b"")
+        try:
+            signed = auth.sign_headers(r.method, auth.canonical_path(function, inner), body)
+        except auth.Unavailable as e:  # as a failed connection: callers retry those
+            raise requests.ConnectionError(e.message) from None
+        r.headers.update(signed)
+        return r
 
 
 class InvocationError(Exception):
@@ -15,10 +53,17 @@ class InvocationError(Exception):
 
 
 class Gateway:
-    def __init__(self, url: str, timeout: float = 30):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30,
+        token: str | Callable[[], str] | None = None,
+        system_auth: tuple[str, str] | None = None,
+    ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.auth = Credentials(token, system_auth)
 
     def call(
         self,

@@ -23,7 +23,9 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 from . import STAGES, defaults
@@ -92,6 +94,53 @@ class CacheSpec(BaseModel):
         return paths
 
 
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set by faas-ci for every stage: a secret may not take their place.
+RESERVED_ENV = {"PATH", "HOME", "LANG", "CI", "TMPDIR", "PWD", "SHELL", "USER", "LD_PRELOAD",
+                "LD_LIBRARY_PATH"}  # fmt: skip
+
+
+class SecretSpec(BaseModel):
+    """Where a stage secret comes from: "<path>#<key>", the path inside the repository's
+    own folder of the Vault KV mount (faasci.vault.repo_path), never outside it. With
+    `file: true` the value is written (0600) into the stage's HOME and `<NAME>_FILE`
+    holds its path; otherwise `<NAME>` holds the value."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    source: str = Field(alias="from", min_length=3, max_length=300)
+    file: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _reference(cls, source: str) -> str:
+        from .vault import SEGMENT_RE, check_path
+
+        path, sep, key = source.partition("#")
+        if not sep or not key:
+            raise ValueError(f"{source!r} must be '<path>#<key>', e.g. 'db#password'")
+        check_path(path)
+        if not SEGMENT_RE.match(key):
+            raise ValueError(f"key {key!r} must be letters, digits, '.', '_' or '-'")
+        return source
+
+    @property
+    def path(self) -> str:
+        return self.source.partition("#")[0]
+
+    @property
+    def key(self) -> str:
+        return self.source.partition("#")[2]
+
+    @model_serializer
+    def _as_written(self):
+        return {"from": self.source, "file": True} if self.file else self.source
+
+
+def _secret_ref(value):
+    return {"from": value} if isinstance(value, str) else value
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -108,10 +157,25 @@ class StageSpec(BaseModel):
     image: str | None = Field(default=None, min_length=1, max_length=300,
                               pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")  # fmt: skip
 
+    # Secrets from Vault this stage (and only this stage) gets: {ENV_NAME: "path#key"} or
+    # {ENV_NAME: {from: "path#key", file: true}}; see SecretSpec.
+    secrets: dict[str, Annotated[SecretSpec, BeforeValidator(_secret_ref)]] = {}
+
     @field_validator("run", mode="before")
     @classmethod
     def _one_command_as_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, secrets):
+        for name, spec in secrets.items():
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            var = f"{name}_FILE" if spec.file else name
+            if var in RESERVED_ENV or var.startswith("FAASCI"):
+                raise ValueError(f"{var!r} is set by faas-ci; name the secret otherwise")
+        return secrets
 
 
 class Pipeline(BaseModel):
@@ -132,10 +196,19 @@ class Pipeline(BaseModel):
 
     @field_validator("stages")
     @classmethod
-    def _known_stages(cls, stages):
+    def _known_stages(cls, stages, info: ValidationInfo):
         for name in stages:
             if name not in STAGES:
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        env = info.data.get("env") or {}
+        for name, spec in stages.items():
+            for secret_name, secret in spec.secrets.items():
+                var = f"{secret_name}_FILE" if secret.file else secret_name
+                if var in env:
+                    raise ValueError(
+                        f"{name}.secrets.{secret_name}: {var} is also in env; a "
+                        "secret cannot share its name with a plain variable"
+                    )
         return {name: stages[name] for name in STAGES if name in stages}
 
     def stage_names(self) -> list[str]:
@@ -155,6 +228,8 @@ def parse(text: str, default_service: str) -> Pipeline:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise Unprocessable(f"{FILENAME} is not valid YAML{where}", field=FILENAME) from None
+    except RecursionError:  # a repository's file may nest without end: a 422, not a 500
+        raise Unprocessable(f"{FILENAME} nests too deeply", field=FILENAME) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -1,33 +1,63 @@
 """The `runs` function's resource: GET / (history), GET /<id> (one run), POST / (start one),
-POST /<id>/cancel (stop one)."""
+POST /<id>/cancel (stop one), GET /audit (the audit trail)."""
 
 from __future__ import annotations
 
-from . import runs
-from .api import json_body, run_id_field, string_field
-from .errors import NotFound, UserError
+from . import audit, runs
+from .api import Route, json_body, run_id_field, string_field
+from .errors import UserError
 from .services import run_store
 from .trigger import start_run
 
 
-def route(event) -> dict:
-    parts = [p for p in event.path.split("/") if p]
-    if event.method == "GET" and not parts:
-        return {"runs": [_summary(r) for r in run_store().list(_limit(event.query))]}
-    if event.method == "GET" and len(parts) == 1:
-        return run_store().get(run_id_field(parts[0])).model_dump(mode="json")
-    if event.method == "POST" and not parts:
-        body = json_body(event)
-        run = start_run(
-            string_field(body, "repo"),
-            string_field(body, "ref", required=False),
-            trigger=body.get("trigger") if body.get("trigger") == "cli" else "http",
-        )
-        return {"statusCode": 201, "body": run.model_dump(mode="json")}
-    if event.method == "POST" and len(parts) == 2 and parts[1] == "cancel":
-        run, _ = run_store().update(run_id_field(parts[0]), runs.cancel, "run.cancelled")
-        return run.model_dump(mode="json")
-    raise NotFound(f"no route {event.method} {event.path}", field="path")
+def history(event, principal) -> dict:
+    return {"runs": [_summary(r) for r in run_store().list(_limit(event.query))]}
+
+
+def show(event, principal, run_id: str) -> dict:
+    return run_store().get(run_id_field(run_id)).model_dump(mode="json")
+
+
+def start(event, principal) -> dict:
+    body = json_body(event)
+    run = start_run(
+        string_field(body, "repo"),
+        string_field(body, "ref", required=False),
+        trigger=body.get("trigger") if body.get("trigger") == "cli" else "http",
+    )
+    return {"statusCode": 201, "body": run.model_dump(mode="json")}
+
+
+def cancel(event, principal, run_id: str) -> dict:
+    run = run_store().get(run_id_field(run_id))  # 404 before anything is recorded
+    audit.record("run.cancel", repo=run.repo, ref=run.ref, commit=run.commit, run=run.id)
+    run, _ = run_store().update(run.id, runs.cancel, "run.cancelled")
+    return run.model_dump(mode="json")
+
+
+def audit_entries(query) -> dict:
+    """GET /audit (role admin: who did what is for administrators): the audit trail, oldest first;
+    ?since= (ISO 8601 or 30m/1h/2d/1w), ?run=<id>, ?limit= (the newest that many, <= 10000)."""
+    run = query.get("run") or None
+    if run is not None:
+        run_id_field(run)
+    raw = query.get("limit", "1000")
+    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise UserError("limit must be a whole number from 1 to 10000", field="limit")
+    try:
+        found = audit.entries(since=query.get("since") or None, run=run, limit=int(raw))
+    except ValueError as e:
+        raise UserError(str(e), field="since") from None
+    return {"entries": found}
+
+
+ROUTES = [
+    Route("GET", "/", "viewer", history),
+    Route("GET", "/audit", "admin", lambda event, principal: audit_entries(event.query)),
+    Route("GET", "/<run_id>", "viewer", show),
+    Route("POST", "/", "runner", start),
+    Route("POST", "/<run_id>/cancel", "runner", cancel),
+]
 
 
 def _summary(run) -> dict:

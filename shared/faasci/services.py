@@ -15,7 +15,7 @@ from .store import RunStore
 
 @cache
 def bus() -> Bus:
-    return Bus(settings().nats_url)
+    return Bus(settings().nats_url, **settings().nats_credentials())
 
 
 @cache

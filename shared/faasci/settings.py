@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPENFAAS_SECRETS_DIR = "/var/openfaas/secrets"
+NATS_TOKEN_SECRET = "nats-token"  # the NATS password of every function (and the CLI)
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Settings:
     gateway_url: str = "http://gateway.openfaas:8080"
     public_url: str = ""  # base of links people follow (log links); the gateway's by default
     nats_url: str = "nats://nats.openfaas:4222"
+    nats_user: str = "faasci"  # with the secret `nats-token` as its password, when mounted
     s3_endpoint: str = ""  # empty means AWS itself
     s3_region: str = "us-east-1"
     bucket: str = "faasci"
@@ -38,6 +40,14 @@ class Settings:
         default_factory=lambda: Path(tempfile.gettempdir()) / "faasci-workspace"
     )
     sandbox_hide: tuple[Path, ...] = ()  # more folders stages must not see (besides ours)
+    # Vault (OpenBao locally): platform secrets and stages' own (see faasci.vault).
+    vault_addr: str = "http://vault.vault:8200"
+    vault_auth: str = "approle"  # or "kubernetes" (the function's service account)
+    vault_mount: str = "secret"  # the KV v2 mount
+    vault_role: str = "faasci-functions"  # kubernetes auth: the role to log in as
+    vault_auth_mount: str = ""  # the auth method's mount; by default its type's name
+    vault_approle: str = "vault"  # approle auth: secrets <this>-role-id, <this>-secret-id
+    vault_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -48,6 +58,7 @@ class Settings:
             gateway_url=gateway,
             public_url=env.get("PUBLIC_URL", gateway).rstrip("/"),
             nats_url=env.get("NATS_URL", defaults.nats_url),
+            nats_user=env.get("NATS_USER", defaults.nats_user),
             s3_endpoint=env.get("S3_ENDPOINT", defaults.s3_endpoint),
             s3_region=env.get("S3_REGION", defaults.s3_region),
             bucket=env.get("S3_BUCKET", defaults.bucket),
@@ -62,6 +73,13 @@ class Settings:
             else defaults.workspace,
             sandbox_hide=tuple(Path(p) for p in env.get("FAASCI_SANDBOX_HIDE", "").split(":")
                                if p),
+            vault_addr=env.get("VAULT_ADDR", defaults.vault_addr).rstrip("/"),
+            vault_auth=env.get("VAULT_AUTH", defaults.vault_auth),
+            vault_mount=env.get("VAULT_MOUNT", defaults.vault_mount).strip("/"),
+            vault_role=env.get("VAULT_ROLE", defaults.vault_role),
+            vault_auth_mount=env.get("VAULT_AUTH_MOUNT", defaults.vault_auth_mount).strip("/"),
+            vault_approle=env.get("VAULT_APPROLE_SECRETS", defaults.vault_approle),
+            vault_jwt_file=Path(env.get("VAULT_JWT_FILE") or defaults.vault_jwt_file),
         )  # fmt: skip
 
     @property
@@ -72,6 +90,11 @@ class Settings:
         """The scheduled repositories as (repo, ref or None)."""
         return [(repo, ref or None) for repo, _, ref in
                 (entry.partition("#") for entry in self.scheduled_repos)]  # fmt: skip
+
+    def nats_credentials(self) -> dict[str, str | None]:
+        """Bus keywords: NATS_USER with the secret `nats-token` (none without the secret)."""
+        token = self.secret(NATS_TOKEN_SECRET)
+        return {"user": self.nats_user, "password": token} if token else {}
 
     def secret(self, name: str) -> str | None:
         """The secret's value, whitespace trimmed; None when it is not mounted."""

@@ -23,8 +23,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from . import cache, git, invalidation, runs, services, shell, timers
+from . import audit, cache, git, invalidation, runs, services, shell, stage_secrets, timers
 from .invoke import InvocationError
+from .logs import log_key, log_link
 from .runs import Next, Run
 from .sandbox import ImageSandbox, Overlay, Sandbox, stage_path
 from .settings import settings
@@ -42,14 +43,6 @@ COMMANDS_ONLY = {
     "promote": "ran the configured commands; nothing was promoted (GitOps is not integrated yet)",
     "deploy": "ran the configured commands; nothing was rolled out (not integrated yet)",
 }
-
-
-def log_key(run_id: str, stage: str, attempt: int) -> str:
-    return f"logs/{run_id}/{stage}/{attempt}.log"
-
-
-def log_link(run_id: str, stage: str, attempt: int) -> str:
-    return f"{settings().public_url}/function/pipeline-log/{run_id}/{stage}/{attempt}"
 
 
 def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
@@ -72,10 +65,12 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     watcher = Watcher(run_id, stage, number)
     watcher.start()
     try:
-        with log_file.open("wb") as out:
+        held = stage_secrets.load(run, stage)  # this stage's own secrets, and their masker
+        with log_file.open("wb") as out, stage_secrets.in_use(held):
             outcome, reason, error, cache_report = _run_commands(
-                run, stage, number, workdir, out, watcher
+                run, stage, number, workdir, out, watcher, held
             )
+        held.masker.file(log_file)  # before anything reads or stores it
         tail = _tail(log_file)
         key, link = log_key(run_id, stage, number), log_link(run_id, stage, number)
         try:
@@ -87,6 +82,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         watcher.stop()
         remove_tree(workdir)
 
+    error = held.masker.text(error)
     status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
     run, following = store.update(
         run_id,
@@ -157,10 +153,11 @@ class Watcher(threading.Thread):
         self._done.set()
 
 
-def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher):
+def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher,
+                  given: stage_secrets.StageSecrets | None = None):  # fmt: skip
     """Check out, restore or set up the dependencies, run the commands in the stage's
-    sandbox. Returns (outcome, failure reason or None, error line or None, cache report or
-    None)."""
+    sandbox (with the stage's secrets: `given`). Returns (outcome, failure reason or None,
+    error line or None, cache report or None)."""
     spec = run.pipeline.stages[stage]
     box = (ImageSandbox(workdir, run.path, image=spec.image) if spec.image
            else Sandbox(workdir, run.path))  # fmt: skip
@@ -171,6 +168,9 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
         return shell.Outcome(exit_code=None), "infra", str(e), None
     out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}"
               f"{f' in {spec.image}' if spec.image else ''}\n".encode())  # fmt: skip
+    if given and given.error:  # named by path, never by value
+        out.write(f"[faas-ci] {given.error}\n".encode())
+        return shell.Outcome(exit_code=None), given.reason, given.error, None
     report = None
     try:
         env = _command_env(run, stage, number, box)
@@ -181,6 +181,10 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
                 commands = [*run.pipeline.cache.prepare, *commands]
             if outcome.passed:
                 box.prepare()
+                # The secrets go to the commands only: not to the cache set-up above,
+                # whose result other stages restore.
+                if given and given.values:
+                    env = {**env, **given.place(box.home, box.workspace / "home")}
                 outcome = shell.run_commands(
                     commands, box.launch, env, spec.timeout, out,
                     cancel=watcher.stop_commands, pgid_file=workdir / "pgid",
@@ -307,6 +311,12 @@ def _tail(path: Path) -> str:
 
 
 def hand_on(run_id: str, following: Next) -> None:
+    if following.stage and following.attempt > 1:  # a retry (a first attempt is a hand-off)
+        try:  # recorded, but never at the cost of the retry itself
+            audit.record("stage.retry", run=run_id, detail={"stage": following.stage,
+                         "attempt": following.attempt, "delay_s": following.delay_s})  # fmt: skip
+        except Exception as e:
+            log.error("run %s: recording the retry of %s failed: %s", run_id, following.stage, e)
     if following.stage and following.delay_s > 0:
         stage, attempt = following.stage, following.attempt
         timers.schedule(services.bus(), "dispatch",

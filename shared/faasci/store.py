@@ -16,7 +16,6 @@ from nats.js.errors import (
     InvalidKeyError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 
 from .bus import Bus
@@ -88,11 +87,13 @@ class RunStore:
         ids sort by creation time: "20261127-" is the 27th of November 2026 on)."""
 
         async def _list():
-            kv = await self._kv()
-            try:
-                keys = await kv.keys()
-            except NoKeysError:  # an empty bucket
-                return []
+            await self._kv()
+            # The stream's subjects, not kv.keys(): nats-py's keys() watcher can end before
+            # its first entry arrives when the client is busy, and then lists nothing.
+            prefix = f"$KV.{BUCKET}."
+            js = await self.bus.js()
+            info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{prefix}>")
+            keys = [subject.removeprefix(prefix) for subject in info.state.subjects or {}]
             runs = []
             for key in sorted((k for k in keys if k >= since), reverse=True)[:limit]:
                 with contextlib.suppress(NotFound, ValueError):  # deleted meanwhile; not a run

@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from . import git, pipeline, services
+from . import audit, git, pipeline, services
 from .errors import Unprocessable
 from .runs import Run, new_run
 from .settings import settings
@@ -48,6 +48,8 @@ def start_run(
         snapshot=resolved.snapshot,
         trigger=trigger,
     )
+    audit.record("run.start", repo=repo, ref=run.ref, commit=run.commit, run=run.id,
+                 detail={"trigger": trigger, **({"only": only} if only else {})})  # fmt: skip
     services.run_store().create(run)
     log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
     if dispatch_first:

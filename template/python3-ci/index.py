@@ -18,6 +18,7 @@ accepting), or at DRAIN_TIMEOUT (default: healthcheck_interval + write_timeout +
 0: exit at once).
 """
 
+import itertools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from werkzeug.wsgi import ClosingIterator
 from function import handler
 
 MAX_BODY_BYTES = 256_000  # the OpenFaaS queue-worker's cap, enforced for every invocation
+MAX_JSON_DEPTH = 64  # arrays and objects inside one another, in any JSON body
 QUIET_S = 1.0  # draining ends after this long with no request in flight
 
 app = Flask(__name__)
@@ -176,7 +178,20 @@ def ready():
 @app.route("/", defaults={"path": ""}, methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
 @app.route("/<path:path>", methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
 def call_handler(path):
+    if json_depth(request.get_data()) > MAX_JSON_DEPTH:  # before any handler parses it
+        return json_response(400, {"error": "request body nests arrays/objects deeper than "
+                                   f"{MAX_JSON_DEPTH}", "field": "body"})  # fmt: skip
     return format_response(handler.handle(Event(), Context()))
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply arrays and objects nest in a body that looks like JSON (0 otherwise),
+    counted without parsing (no recursion); brackets inside strings do not count."""
+    if body.lstrip()[:1] not in (b"[", b"{"):
+        return 0
+    body = re.sub(rb'"(?:[^"\\]|\\.)*"?', b"", body)
+    brackets = body.translate(None, bytes(b for b in range(256) if b not in b"[]{}"))
+    return max(itertools.accumulate(1 if c in b"[{" else -1 for c in brackets))
 
 
 @app.errorhandler(HTTPException)
@@ -201,6 +216,12 @@ if __name__ == "__main__":
         level=os.getenv("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message).2000s",
     )
+    try:  # the platform's secrets, and those of running stages, masked in this log
+        from faasci.masking import install_filter
+    except ImportError:  # a handler without the faasci library
+        pass
+    else:
+        install_filter()
     signal.signal(signal.SIGTERM, drain.start)
     serve(
         app,

@@ -1,8 +1,10 @@
 """Bad input gets a 4xx JSON error naming the problem; nothing runs and nothing dies."""
 
 import pytest
+from conftest import ROOT
 
 from faasci import STAGES
+from faasci import stack as stack_file
 
 
 def pids(gateway) -> dict:
@@ -34,13 +36,18 @@ def assert_error(resp, status: int, *words: str, field: str | None = None) -> di
     return body
 
 
-@pytest.mark.parametrize("function", [*STAGES, "runs", "webhook"])
+@pytest.mark.parametrize("function", [*STAGES, "runs"])
 def test_malformed_json(gateway, unharmed, function):
     """A body that is not JSON gets 400 naming the body."""
     resp = gateway.call(
         function, b'{"repo": "/tmp/x",', headers={"Content-Type": "application/json"}
     )
     assert_error(resp, 400, "not valid JSON", field="body")
+
+
+def test_malformed_json_in_a_signed_push(webhook, unharmed):
+    """The webhook reads a body only once its signature checks out; then bad JSON is 400."""
+    assert_error(webhook(b'{"repo": "/tmp/x",'), 400, "not valid JSON", field="body")
 
 
 def test_json_that_is_not_an_object(gateway, unharmed):
@@ -132,3 +139,19 @@ def test_bad_callback_url(gateway, unharmed):
     resp = gateway.session.post(f"{gateway.url}/async-function/lint", data=b"{}",
                                 headers={"X-Callback-Url": "not a url"})  # fmt: skip
     assert_error(resp, 400, "X-Callback-Url", field="X-Callback-Url")
+
+
+FUNCTIONS = sorted(stack_file.load(ROOT / "stack.yml").functions)  # every one, new ones too
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_deeply_nested_json(gateway, unharmed, function):
+    """100,000 nested `[` (or `{"a":`) get 400 naming the body from every function, those
+    that never parse a body too, on any path and method; 64 levels are still JSON."""
+    for body in (b"[" * 100_000, b'{"a":' * 50_000, b"[" * 65 + b"]" * 65):
+        for method, path in (("POST", ""), ("GET", ""), ("POST", "purge"), ("GET", "x/y/1")):
+            resp = gateway.call(function, body, method=method, path=path,
+                                headers={"Content-Type": "application/json"})  # fmt: skip
+            assert_error(resp, 400, "deeper than 64", field="body")
+    resp = gateway.call(function, b"[" * 64 + b"]" * 64)
+    assert resp.status_code != 400 or "deeper" not in resp.text

@@ -111,7 +111,7 @@ def test_second_run_restores_and_skips_the_setup(gateway, make_repo, tmp_path):
 
 
 def test_changed_manifest_misses_and_the_invalidator_keeps_what_is_needed(
-    gateway, make_repo, tmp_path, client_settings
+    gateway, make_repo, tmp_path, client_settings, webhook
 ):
     """A manifest change misses and builds a fresh cache. The check a new key brings
     (whatever started the run: `faasci run`, a push) removes only what nothing needs: the
@@ -133,7 +133,7 @@ def test_changed_manifest_misses_and_the_invalidator_keeps_what_is_needed(
     push = {"ref": "refs/heads/main", "after": head,
             "repository": {"clone_url": f"file://{repo}"},
             "commits": [{"id": head, "modified": ["deps.lock"]}]}  # fmt: skip
-    resp = gateway.call("webhook", push)
+    resp = webhook(push)  # signed, as the git host sends it
     assert resp.status_code == 202, resp.text
     newer = cache_of(wait_for_run(gateway, resp.json()["run_id"]))["key"]
     wait_for_keys(gateway, repo, {old, new["key"], newer})  # file://<repo>: the same repository
@@ -145,7 +145,7 @@ def test_changed_manifest_misses_and_the_invalidator_keeps_what_is_needed(
     assert "2" * 32 in keys_of(gateway, repo)
 
 
-def test_a_feature_branch_push_leaves_mains_entry(gateway, make_repo, tmp_path):
+def test_a_feature_branch_push_leaves_mains_entry(gateway, make_repo, tmp_path, webhook):
     """A push to a feature branch that changes a manifest: its run makes a key of its
     own, and main's entry stays in place."""
     repo = cached_repo(make_repo, tmp_path, "cache-branch")
@@ -156,7 +156,7 @@ def test_a_feature_branch_push_leaves_mains_entry(gateway, make_repo, tmp_path):
     push = {"ref": "refs/heads/feature", "after": head,
             "repository": {"clone_url": str(repo)},
             "commits": [{"id": head, "modified": ["deps.lock"]}]}  # fmt: skip
-    resp = gateway.call("webhook", push)
+    resp = webhook(push)  # signed, as the git host sends it
     assert resp.status_code == 202, resp.text
     run = wait_for_run(gateway, resp.json()["run_id"])
     assert run["status"] == "passed" and cache_of(run)["key"] != main_key

@@ -116,12 +116,17 @@ def test_every_system_route_needs_credentials(stack, api, auth):
         assert "error" in resp.json(), route
 
 
-def test_invocations_and_health_stay_open(stack):
-    """/function/*, /async-function/* and /healthz need no credentials, as in OpenFaaS."""
+def test_invocations_and_health_need_no_gateway_credentials(stack, token):
+    """/function/*, /async-function/* and /healthz need no gateway credentials, as in
+    OpenFaaS: the function itself asks for a bearer token."""
     url = stack.gateway_url
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    viewer = {"Authorization": f"Bearer {token('viewer')}"}
     for path in ("runs", "runs/", "runs.openfaas-fn", "runs.openfaas-fn/"):
         resp = requests.get(f"{url}/function/{path}", params={"limit": 1}, timeout=30)
+        assert resp.status_code == 401 and resp.headers["WWW-Authenticate"], path
+        resp = requests.get(f"{url}/function/{path}", params={"limit": 1}, headers=viewer,
+                            timeout=30)  # fmt: skip
         assert resp.status_code == 200 and "runs" in resp.json(), path
     resp = requests.get(f"{url}/function/runs.other-ns", timeout=10)
     assert resp.status_code == 404 and resp.json()["field"] == "namespace"
@@ -160,18 +165,21 @@ def test_describe_shows_environment_secrets_and_labels(cli):
         assert expected in out, out
 
 
-def test_invoke_a_listing(cli):
-    """faas-cli invoke runs (GET /function/runs.openfaas-fn) answers the run listing."""
-    done = cli("invoke", "runs", "--method", "GET", "--query", "limit=2", input="")
+def test_invoke_a_listing(cli, token):
+    """faas-cli invoke runs (GET /function/runs.openfaas-fn) with a viewer's bearer token
+    answers the run listing."""
+    done = cli("invoke", "runs", "--method", "GET", "--query", "limit=2",
+               "--header", f"Authorization: Bearer {token('viewer')}", input="")  # fmt: skip
     assert isinstance(json.loads(done.stdout)["runs"], list)
 
 
-def test_invoke_async_calls_back(cli, sample_repo, callback_receiver):
+def test_invoke_async_calls_back(cli, sample_repo, callback_receiver, token):
     """faas-cli invoke --async with X-Callback-Url: the stage runs, then the callback
     carries its result with X-Call-Id, X-Function-Status and X-Function-Name."""
     url, received = callback_receiver
     done = cli("invoke", "--async", "unit", "--content-type", "application/json",
                "--header", f"X-Callback-Url: {url}",
+               "--header", f"Authorization: Bearer {token('runner')}",
                input=json.dumps({"repo": str(sample_repo)}))  # fmt: skip
     assert "submitted asynchronously" in done.stdout + done.stderr
     headers, body = received.get(timeout=120)
@@ -231,7 +239,7 @@ def test_logs_of_a_function(cli, api, stack):
     assert api.get(f"{api.url}/info", timeout=5).json()["provider"]["provider"] == "faas-ci-local"
 
 
-def test_remove_then_deploy_again(cli, api, stack):
+def test_remove_then_deploy_again(cli, api, stack, gateway):
     """faas-cli remove stops the function and unlists it; deploy --filter brings it back."""
     pid = listed(api)["pipeline-log"]["pid"]
     assert "Removing old function" in cli("remove", "pipeline-log").stdout
@@ -240,7 +248,7 @@ def test_remove_then_deploy_again(cli, api, stack):
     assert resp.status_code == 404 and resp.json()["field"] == "function"
     assert "Deployed" in cli("deploy", "-f", "stack.yml", "--filter", "pipeline-log").stdout
     assert wait_ready(api, ["pipeline-log"])["pipeline-log"]["pid"] != pid
-    resp = requests.get(f"{stack.gateway_url}/function/pipeline-log/20260101-000000-abcdef/unit/1")
+    resp = gateway.call("pipeline-log", method="GET", path="20260101-000000-abcdef/unit/1")
     assert resp.status_code == 404 and resp.json()["error"].startswith("no object")
 
 

@@ -54,9 +54,11 @@ def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
     home = Path(other_stack["FAASCI_HOME"])
     auth = credentials(home / "secrets")
     functions = requests.get(f"{OTHER_GATEWAY}/system/functions", auth=auth, timeout=5).json()
-    pids = [processes.pid_of(home / "run", n) for n in ("gateway", "s3", "nats")]
+    pids = [processes.pid_of(home / "run", n) for n in ("gateway", "s3", "nats", "vault")]
     pids += [f["pid"] for f in functions]
-    assert all(pids) and len(pids) == 3 + len(functions)
+    assert all(pids) and len(pids) == 4 + len(functions)
+    webhook_secret = faasci(other_stack, "secrets", "show-webhook").stdout.strip()
+    assert len(webhook_secret) >= 32
 
     run = json.loads(faasci(other_stack, "run", str(sample_repo), "--json").stdout)
     assert run["status"] == "passed"
@@ -65,10 +67,12 @@ def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
     assert down.returncode == 0 and "gateway" in down.stderr
     survivors = [pid for pid in pids if processes.alive(pid)]
     assert survivors == [], "processes survived faasci down"
-    assert not any(listening(p + PORT_OFFSET) for p in (29080, 29081, 29333, 25222 + 4000))
+    assert not any(listening(p + PORT_OFFSET) for p in (29080, 29081, 29333, 25222 + 4000, 29200))
     assert faasci(other_stack, "down").stderr.strip() == "faas-ci was not running"
 
     assert faasci(other_stack, "up").returncode == 0
+    # OpenBao is no dev server: its secrets outlive down and up (unsealed again by up).
+    assert faasci(other_stack, "secrets", "show-webhook").stdout.strip() == webhook_secret
     shown = json.loads(faasci(other_stack, "show", run["id"], "--json").stdout)
     assert shown == run
     logs = faasci(other_stack, "logs", run["id"], "unit")

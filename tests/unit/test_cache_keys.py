@@ -33,7 +33,30 @@ def test_scp_form_is_the_ssh_url():
     """`git@host:owner/name` is `ssh://git@host/owner/name`."""
     expected = cache.namespace_of("ssh://git@github.com/Owner/Name")
     assert cache.namespace_of("git@github.com:Owner/Name.git") == expected
-    assert cache.namespace_of("ssh://github.com:22/Owner/Name") == expected
+    assert cache.namespace_of("ssh://git@GitHub.com:22/Owner/Name") == expected
+
+
+@pytest.mark.parametrize("other", [
+    "bob@host.example:repo",  # bob's home folder, not alice's
+    "ssh://bob@host.example/repo",
+    "ssh://host.example/repo",  # the caller's own user name
+    "https://host.example/repo?ref=other",  # a server may answer a query differently
+    "https://host.example/repo#other",
+])  # fmt: skip
+def test_spellings_that_may_fetch_another_repository_are_other_namespaces(other):
+    """Only what cannot change what git fetches is dropped: an SSH user, a query and a
+    fragment stay, so a repository of one's own can never be spelt into another's cache."""
+    assert cache.normalize_repo("alice@host.example:repo") == "ssh://alice@host.example/repo"
+    assert cache.namespace_of(other) != cache.namespace_of("alice@host.example:repo")
+    assert cache.namespace_of(other) != cache.namespace_of("https://host.example/repo")
+
+
+def test_a_file_url_with_a_query_is_not_the_path(tmp_path):
+    """`file:///x?y` is read by git as the folder `x?y`, not `x`."""
+    (tmp_path / "repo").mkdir()
+    assert cache.namespace_of(f"file://{tmp_path}/repo?x") != cache.namespace_of(
+        str(tmp_path / "repo")
+    )
 
 
 def test_different_repositories_differ():

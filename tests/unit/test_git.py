@@ -1,10 +1,14 @@
 """faasci.git on real repositories: validation, resolving (with snapshots), checkout."""
 
+import hashlib
 import os
+import subprocess
 from pathlib import Path
 
+import git_traps
 import pytest
 from conftest import commit_all, git
+from git_traps import TRAP_FILES
 
 from faasci import git as fgit
 from faasci.errors import Unprocessable, UserError
@@ -196,11 +200,13 @@ def test_resolve_a_committed_repository(make_repo, store):
     assert resolved.commit == git(repo, "rev-parse", "HEAD")
     assert resolved.ref == "main"
     assert resolved.path == ""
-    assert os.path.realpath(resolved.source) == os.path.realpath(repo)
+    # Stages check out from the repository's own store, never from the repository.
+    assert resolved.source == str(fgit.repository_store(store[0], str(repo)))
+    assert git(Path(resolved.source), "rev-parse", "refs/heads/main") == resolved.commit
     assert resolved.pipeline_text.strip() == PIPELINE.strip()
     assert resolved.files == {".faasci.yml", "pyproject.toml", "src"}
     assert resolved.name == "shop"
-    assert not (store[0] / "HEAD").exists()  # no snapshot store was needed
+    assert git(Path(resolved.source), "for-each-ref", "refs/snapshots/") == ""  # no snapshot
 
 
 def test_resolve_a_repository_without_a_pipeline_file(make_repo, store):
@@ -229,7 +235,7 @@ def test_resolve_a_service_folder_inside_a_repository(make_repo, store):
     assert resolved.name == "api"
     assert resolved.commit == git(repo, "rev-parse", "HEAD")
     assert resolved.snapshot is False
-    assert os.path.realpath(resolved.source) == os.path.realpath(repo)
+    assert resolved.source == str(fgit.repository_store(store[0], str(repo)))
 
 
 def test_resolve_a_dirty_working_tree_makes_a_snapshot(make_repo, store):
@@ -261,8 +267,8 @@ def test_resolve_a_dirty_working_tree_makes_a_snapshot(make_repo, store):
     assert resolved.snapshot is True
     assert resolved.commit != head
     assert resolved.ref == "main"
-    snapshots = store[0]
-    assert resolved.source == str(snapshots)
+    snapshots = Path(resolved.source)
+    assert snapshots == fgit.repository_store(store[0], str(repo))
     assert git(snapshots, "rev-parse", f"{resolved.commit}^") == head
     assert tree_files(snapshots, resolved.commit) == {
         ".gitignore",
@@ -275,8 +281,9 @@ def test_resolve_a_dirty_working_tree_makes_a_snapshot(make_repo, store):
     assert git(snapshots, "show", f"{resolved.commit}:staged.py") == "s = 2"
     assert git(snapshots, "show", f"{resolved.commit}:pkg/deep.py") == "d = 1"
     assert resolved.files == {".gitignore", "app.py", "new.py", "pkg", "staged.py"}
-    # No stray temporary index is left next to the store.
-    assert sorted(p.name for p in snapshots.parent.iterdir()) == ["snapshots.git"]
+    # Nothing but the repository's store (and its lock file) under the snapshots folder.
+    assert sorted(p.name for p in store[0].parent.iterdir()) == ["snapshots.git"]
+    assert sorted(p.name for p in store[0].iterdir()) == [snapshots.name, f"{snapshots.name}.lock"]
 
 
 def test_snapshot_of_a_folder_reads_the_uncommitted_pipeline_file(make_repo, store):
@@ -301,8 +308,9 @@ def test_two_snapshots_of_different_trees_differ_and_both_stay_available(make_re
     (repo / "a.txt").write_text("3\n")
     second = resolve(repo, None, store)
     assert first.commit != second.commit
-    assert git(store[0], "show", f"{first.commit}:a.txt") == "2"
-    assert git(store[0], "show", f"{second.commit}:a.txt") == "3"
+    assert first.source == second.source
+    assert git(Path(first.source), "show", f"{first.commit}:a.txt") == "2"
+    assert git(Path(first.source), "show", f"{second.commit}:a.txt") == "3"
 
 
 def test_an_untracked_file_alone_makes_a_snapshot(make_repo, store):
@@ -314,7 +322,7 @@ def test_an_untracked_file_alone_makes_a_snapshot(make_repo, store):
     resolved = resolve(repo, None, store)
     assert repo_state(repo) == before
     assert resolved.snapshot is True
-    assert tree_files(store[0], resolved.commit) == {"a.txt", "sub/new.txt"}
+    assert tree_files(Path(resolved.source), resolved.commit) == {"a.txt", "sub/new.txt"}
 
 
 def test_resolve_only_ignored_changes_is_not_a_snapshot(make_repo, store):
@@ -354,9 +362,8 @@ def test_resolve_an_explicit_tag_and_branch(make_repo, store, tmp_path):
     for ref, resolved in results.items():
         assert resolved.ref == ref
         assert resolved.snapshot is False
-        assert os.path.realpath(resolved.source) == os.path.realpath(repo)
+        assert resolved.source == str(fgit.repository_store(snapshots, str(repo)))
         assert resolved.pipeline_text.strip() == PIPELINE.strip()
-    assert not (snapshots / "HEAD").exists()
 
 
 def test_resolve_a_missing_path_names_repo(tmp_path, store):
@@ -521,3 +528,192 @@ def test_checkout_of_an_unknown_commit_is_a_git_error(make_repo, tmp_path):
     with pytest.raises(fgit.GitError) as caught:
         fgit.checkout(str(repo), SHA, tmp_path / "dest")
     assert SHA[:12] in str(caught.value)
+
+
+# A repository whose own git configuration runs commands (tests/git_traps.py): resolving
+# it runs none of them and writes nothing into it.
+
+
+@pytest.fixture
+def arm(tmp_path):
+    """arm(repo) -> the markers folder (see git_traps.arm)."""
+    return lambda repo: git_traps.arm(repo, tmp_path / "traps")
+
+
+def test_the_trap_is_real(arm, make_repo):
+    """Plain git in an armed repository does run its commands: what the tests below show
+    is not for want of a working trap."""
+    repo = make_repo(TRAP_FILES, "trapped")
+    markers = arm(repo)
+    (repo / "a.txt").write_text("edited\n")
+    (repo / "data.dat").write_text("edited\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@x"}  # fmt: skip
+
+    def plain_git(*args):
+        subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, check=False)
+
+    plain_git("status")
+    plain_git("add", "--all")
+    (repo / ".gitattributes").write_text("*.txt filter=trap diff=trap\n")  # no process filter
+    plain_git("add", "--all")
+    plain_git("commit", "-q", "-m", "x")
+    touched = {p.name for p in markers.iterdir()}
+    expected = {"fsmonitor", "filter-clean", "filter-process", "hook-pre-commit", "gpg"}
+    assert expected <= touched, touched
+
+
+def gitdir_digests(repo: Path) -> dict[str, str]:
+    """Every file under .git (index, objects, refs, logs, config...) by its sha256, and
+    every folder: a byte-for-byte picture of the repository's own state."""
+    found = {}
+    for p in sorted((repo / ".git").rglob("*")):
+        rel = str(p.relative_to(repo))
+        found[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return found
+
+
+def assert_untouched(repo: Path, markers: Path, before: dict[str, str]) -> None:
+    assert sorted(p.name for p in markers.iterdir()) == []
+    assert gitdir_digests(repo) == before
+
+
+def test_resolving_a_clean_armed_repository_runs_nothing_and_writes_nothing(arm, make_repo, store):
+    """A clean working tree: HEAD, read without running a command of the repository's and
+    without writing into its .git (not even a stat refresh of its index)."""
+    repo = make_repo(TRAP_FILES, "trapped")
+    head = git(repo, "rev-parse", "HEAD")
+    markers = arm(repo)
+    before = gitdir_digests(repo)
+    resolved = resolve(repo, None, store)
+    assert_untouched(repo, markers, before)
+    assert resolved.snapshot is False and resolved.commit == head and resolved.ref == "main"
+    assert resolved.read("a.txt") == "committed text\n"
+
+
+def test_resolving_a_dirty_armed_repository_runs_nothing_and_writes_nothing(
+    arm, make_repo, store, tmp_path
+):
+    """Committed and uncommitted changes (modified, staged, untracked, deleted, ignored,
+    excluded): the snapshot holds the working tree's exact bytes (no filter ran over
+    them), and the repository is byte for byte as it was."""
+    repo = make_repo(TRAP_FILES, "trapped")
+    (repo / "a.txt").write_text("second commit\n")
+    second = commit_all(repo, "second")
+    (repo / "staged.py").write_text("s = 1\n")
+    git(repo, "add", "staged.py")
+    markers = arm(repo)
+    (repo / "a.txt").write_text("uncommitted text\n")
+    (repo / "data.dat").write_text("d = 2\n")
+    (repo / "new.txt").write_text("untracked\n")
+    (repo / "debug.log").write_text("ignored\n")
+    (repo / "private-notes.md").write_text("excluded by .git/info/exclude\n")
+    (repo / "app.py").unlink()
+    before = gitdir_digests(repo)
+
+    resolved = resolve(repo, None, store)
+    again = resolve(repo, None, store)  # with the store's index already there
+
+    assert_untouched(repo, markers, before)
+    snapshots = Path(resolved.source)
+    assert resolved.snapshot is True and again.snapshot is True
+    assert (
+        git(
+            snapshots, "rev-parse", f"{again.commit}^{{tree}}", f"{resolved.commit}^{{tree}}"
+        ).split()
+        == [git(snapshots, "rev-parse", f"{resolved.commit}^{{tree}}")] * 2
+    )
+    assert git(snapshots, "rev-parse", f"{resolved.commit}^") == second
+    expected = {".gitattributes", ".gitignore", "a.txt", "data.dat", "new.txt", "staged.py"}
+    assert tree_files(snapshots, resolved.commit) == expected
+    assert resolved.read("a.txt") == "uncommitted text\n"
+    assert resolved.read("data.dat") == "d = 2\n"
+    assert resolved.read("new.txt") == "untracked\n"
+    assert resolved.read("staged.py") == "s = 1\n"
+    # Stages check the snapshot out from the store: no trap there either.
+    dest = tmp_path / "checkout"
+    fgit.checkout(resolved.source, resolved.commit, dest)
+    assert (dest / "a.txt").read_text() == "uncommitted text\n"
+    assert_untouched(repo, markers, before)
+
+
+def test_resolving_a_ref_of_an_armed_repository_runs_nothing(arm, make_repo, store, tmp_path):
+    """An explicit branch, tag, HEAD or commit of a local repository: fetched into its
+    store, nothing run, nothing written."""
+    repo = make_repo(TRAP_FILES, "trapped")
+    git(repo, "tag", "-a", "v1", "-m", "one")
+    head = git(repo, "rev-parse", "HEAD")
+    markers = arm(repo)
+    (repo / "a.txt").write_text("dirty, and not what a ref means\n")
+    before = gitdir_digests(repo)
+    for n, ref in enumerate(("main", "v1", "HEAD", head[:12])):
+        scratch = tmp_path / f"scratch-{n}"
+        scratch.mkdir()
+        resolved = fgit.resolve(str(repo), ref, store[0], scratch)
+        assert resolved.commit == head and resolved.ref == ref and not resolved.snapshot
+    assert_untouched(repo, markers, before)
+
+
+def test_a_worktree_of_an_armed_repository_is_read_safely(arm, make_repo, store, tmp_path):
+    """A linked worktree (a `.git` file) resolves to its own branch and working tree, its
+    repository's traps untouched."""
+    repo = make_repo(TRAP_FILES, "trapped")
+    worktree = tmp_path / "wt"
+    git(repo, "worktree", "add", "--quiet", "-b", "side", str(worktree))
+    markers = arm(worktree)
+    (worktree / "a.txt").write_text("in the worktree\n")
+    before = gitdir_digests(repo)
+    resolved = resolve(worktree, None, store)
+    assert_untouched(repo, markers, before)
+    assert resolved.ref == "side" and resolved.snapshot is True
+    assert resolved.read("a.txt") == "in the worktree\n"
+    assert resolved.source == str(fgit.repository_store(store[0], str(worktree)))
+
+
+def test_repositories_have_stores_of_their_own(make_repo, store):
+    """Two repositories never share a store: a stage of one cannot read the other's objects."""
+    one = make_repo({"a.txt": "one\n"})
+    two = make_repo({"b.txt": "two\n"})
+    first, second = resolve(one, None, store), resolve(two, None, store)
+    assert first.source != second.source
+    missing = subprocess.run(["git", "cat-file", "-e", second.commit], cwd=first.source,
+                             capture_output=True)  # fmt: skip
+    assert missing.returncode != 0
+
+
+def test_a_path_inside_the_git_folder_is_not_a_working_tree(make_repo, store):
+    repo = make_repo({"a.txt": "x"})
+    with pytest.raises(Unprocessable) as caught:
+        resolve(repo / ".git" / "refs", None, store)
+    assert caught.value.field == "repo" and ".git" in caught.value.message
+
+
+def test_git_runs_with_commands_switched_off_over_the_callers_own_config(monkeypatch):
+    """faas-ci's git gets fsmonitor, hooks and signing off through GIT_CONFIG_*, after any
+    such settings the environment brings (the containers' safe.directory)."""
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", "safe.directory")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "*")
+    env = fgit.git_env()
+    count = int(env["GIT_CONFIG_COUNT"])
+    pairs = {env[f"GIT_CONFIG_KEY_{n}"]: env[f"GIT_CONFIG_VALUE_{n}"] for n in range(count)}
+    assert pairs["safe.directory"] == "*"
+    assert pairs["core.fsmonitor"] == "false" and pairs["core.hooksPath"] == "/dev/null"
+    assert pairs["commit.gpgSign"] == "false"
+    assert fgit.git("config", "--get", "core.fsmonitor") == "false"
+
+
+def test_a_ref_names_the_repositorys_refs_never_the_stores_own(make_repo, store, tmp_path):
+    """Refs the store keeps for itself (a snapshot of another state, HEAD's copy) are not
+    what a ref of the repository can name."""
+    repo = make_repo({"a.txt": "1\n"})
+    (repo / "a.txt").write_text("2\n")
+    snap = resolve(repo, None, store)
+    assert snap.snapshot
+    for n, ref in enumerate((f"snapshots/{snap.commit}", f"refs/snapshots/{snap.commit}",
+                             "faasci/head", f"bases/{snap.commit}")):  # fmt: skip
+        scratch = tmp_path / f"s{n}"
+        scratch.mkdir()
+        with pytest.raises(Unprocessable) as caught:
+            fgit.resolve(str(repo), ref, store[0], scratch)
+        assert caught.value.field == "ref"

@@ -154,6 +154,20 @@ def test_invalid_yaml_gives_the_line_number():
     assert "not valid YAML at line 3" in e.message
 
 
+@pytest.mark.parametrize(
+    ("files", "name"),
+    [({".faasci.yml": "[" * 100_000}, ".faasci.yml"),
+     ({"package.json": "[" * 100_000}, "package.json"),
+     ({"pyproject.toml": "a = " + "[" * 100_000}, "pyproject.toml")],
+)  # fmt: skip
+def test_endlessly_nested_repository_files_are_a_422(files, name):
+    """A repository's file nesting 100,000 deep is a 422 naming it, not a RecursionError."""
+    text = files.get(".faasci.yml")
+    with pytest.raises(Unprocessable) as caught:
+        pipeline.load(text, set(files), "svc", files.get)
+    assert caught.value.field == name and "nests too deeply" in caught.value.message
+
+
 def test_bad_env_var_name_is_refused():
     """An env name that is not a shell variable name is a 422 naming env and the name."""
     e = parse_error("env:\n  1BAD-NAME: x\nstages:\n  unit:\n    run: [pytest]\n")

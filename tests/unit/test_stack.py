@@ -126,17 +126,22 @@ def test_variables_reach_the_function_environment():
 def test_secrets_labels_and_schedule(loaded):
     """Secrets, labels (through YAML anchors) and the webhook's cron schedule are read."""
     webhook = loaded.functions["webhook"]
-    assert webhook.secrets == ["s3-access-key", "s3-secret-key", "webhook-secret"]
+    # The webhook secret is Vault's (faasci.vault.platform_secret), not a file secret.
+    platform = ["nats-token", "s3-access-key", "s3-secret-key", "vault-role-id", "vault-secret-id"]
+    assert webhook.secrets == platform
     assert webhook.labels["com.openfaas.scale.zero"] == "false"
     assert webhook.annotations["topic"] == "cron-function"
     assert webhook.schedule == "0 2 * * *"
     for name in STAGES:
         fn = loaded.functions[name]
-        assert fn.secrets == ["s3-access-key", "s3-secret-key"]
+        assert fn.secrets == platform
         assert fn.labels["com.openfaas.scale.max"] == "10"
         assert fn.labels["com.openfaas.scale.zero"] == "false"
         assert fn.schedule is None
     assert loaded.functions["runs"].schedule is None
+    rotation = loaded.functions["secrets"]
+    assert rotation.schedule == rotation.environment["FAASCI_SCHEDULE"] == "0 4 */2 * *"
+    assert {"vault-admin-role-id", "vault-admin-secret-id"} <= set(rotation.secrets)
 
 
 def test_environment_files_win_and_are_not_substituted(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from oidc_issuer import Issuer
 from waitress.server import create_server
 
 from faasci import api
@@ -295,6 +296,40 @@ def test_endpoint_without_the_server():
         crash(Event(), None)
 
 
+@pytest.mark.parametrize("path", ["/json", "/plain", "/size", "/nowhere/at/all"])
+def test_deep_nesting_is_400_before_any_handler(client, path):
+    """100,000 nested arrays or objects: 400 naming body, whatever the handler does with a
+    body (parses it, ignores it, or has no such path); 64 levels reach the handler."""
+    for data in (b"[" * 100_000, b' {"a":' * 40_000, b"[" * 65 + b"]" * 65):
+        resp = client.post(path, data=data)
+        assert resp.status_code == 400, resp.get_data()
+        assert resp.get_json()["field"] == "body" and "deeper than 64" in resp.get_json()["error"]
+    resp = client.post(path, data=b"[" * 64 + b"]" * 64)
+    assert resp.status_code != 400 or "deeper" not in resp.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (b"{}", 1), (b'{"a": [1, {"b": []}]}', 4), (b'"[[[["', 0), (b'{"a\\"[[": 1}', 1),
+        (b'["]]]]", [[]]]', 3), (b"", 0), (b"not json [[", 2), (b'"unterminated [[[', 0),
+    ],
+)  # fmt: skip
+def test_json_depth_ignores_brackets_in_strings(text, depth):
+    assert api.json_depth(text) == depth
+
+
+def test_json_body_refuses_deep_nesting_without_recursion():
+    """json_body alone (no template in front) also refuses deep nesting with a 400."""
+    for data in (b"[" * 100_000, b'{"a":' * 50_000, b'{"a":' * 65 + b"1" + b"}" * 65):
+        with pytest.raises(UserError) as caught:
+            api.json_body(Event(data))
+        assert caught.value.status == 400 and caught.value.field == "body"
+        assert "deeper than 64" in caught.value.message
+    nested = b'{"a":' * 63 + b"{}" + b"}" * 63
+    assert api.json_body(Event(nested))["a"]
+
+
 def test_json_body_on_malformed_json_names_body():
     """faasci.api.json_body raises a 400 UserError naming `body`."""
     with pytest.raises(UserError) as caught:
@@ -519,6 +554,9 @@ def test_calls_needing_nats_are_503_naming_nats_url_when_it_is_unreachable(tmp_p
     """A stage hand-off and a runs listing with NATS down: 503 naming NATS_URL within
     seconds, not a 500 after minutes of retries."""
     env = unreachable_services(tmp_path, secrets_dir(tmp_path, "s3-access-key", "s3-secret-key"))
+    issuer = Issuer()  # the caller is a person with a good token: only NATS is missing
+    env["OIDC_ISSUER"] = issuer.url
+    bearer = {"Authorization": f"Bearer {issuer.token()}"}
     answers = {}
     for name, method, body in [
         ("unit", "POST", {"run_id": "20300101-000000-abcdef", "attempt": 1}),
@@ -527,10 +565,11 @@ def test_calls_needing_nats_are_503_naming_nats_url_when_it_is_unreachable(tmp_p
         (tmp_path / name).mkdir()
         with index_process(tmp_path / name, FUNCTIONS / name, **env) as (proc, url, log):
             began = time.monotonic()
-            resp = requests.request(method, f"{url}/", json=body, timeout=60)
+            resp = requests.request(method, f"{url}/", json=body, headers=bearer, timeout=60)
             answers[name] = (resp.status_code, resp.json(), time.monotonic() - began)
             again = time.monotonic()
-            assert requests.request(method, f"{url}/", json=body, timeout=60).status_code == 503
+            again_resp = requests.request(method, f"{url}/", json=body, headers=bearer, timeout=60)
+            assert again_resp.status_code == 503
             assert time.monotonic() - again < 1  # known to be down: no waiting again
     for name, (status, body, took) in answers.items():
         assert status == 503, (name, body)

@@ -39,6 +39,8 @@ class LocalConfig:
     s3_port: int
     secrets_dir: Path
     containers: bool = False  # functions run as containers of their images (up --containers)
+    oidc_port: int = 8444  # the local OpenID Connect provider (oidc.py)
+    vault_port: int = 8200  # the local OpenBao (openbao.py)
 
     @classmethod
     def from_env(cls, stack_file: Path | None = None) -> LocalConfig:
@@ -53,6 +55,8 @@ class LocalConfig:
             s3_port=int(os.environ.get("FAASCI_S3_PORT", "8333")),
             secrets_dir=Path(os.environ.get("FAASCI_SECRETS_DIR") or home / "secrets").resolve(),
             containers=os.environ.get("FAASCI_CONTAINERS") == "1",
+            oidc_port=int(os.environ.get("FAASCI_OIDC_PORT", "8444")),
+            vault_port=int(os.environ.get("FAASCI_VAULT_PORT", "8200")),
         )
 
     @property
@@ -66,6 +70,15 @@ class LocalConfig:
     @property
     def s3_url(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def oidc_issuer(self) -> str:
+        """The local OIDC provider's issuer: every token's `iss`, exactly."""
+        return f"http://127.0.0.1:{self.oidc_port}"
+
+    @property
+    def vault_url(self) -> str:
+        return f"http://127.0.0.1:{self.vault_port}"
 
     # Folders under home: data survives `faasci down`; run holds pid files.
     @property
@@ -117,6 +130,8 @@ class LocalConfig:
             "FAASCI_S3_PORT": str(self.s3_port),
             "FAASCI_SECRETS_DIR": str(self.secrets_dir),
             "FAASCI_CONTAINERS": "1" if self.containers else "0",
+            "FAASCI_OIDC_PORT": str(self.oidc_port),
+            "FAASCI_VAULT_PORT": str(self.vault_port),
         }
 
 

@@ -96,6 +96,15 @@ class FunctionContainer(FunctionInstance):
             # The local stack's servers, as the container reaches them.
             "NATS_URL": f"nats://{host}:{cfg.nats_port}",
             "S3_ENDPOINT": f"http://{host}:{cfg.s3_port}",
+            "VAULT_ADDR": f"http://{host}:{cfg.vault_port}",
+            # Tokens name the issuer as the host sees it (127.0.0.1), which is the
+            # container's own loopback here: its keys are fetched at the host's address.
+            "OIDC_ISSUER": cfg.oidc_issuer,
+            "OIDC_AUDIENCE": "faasci",
+            "OIDC_JWKS_URL": f"http://{host}:{cfg.oidc_port}/jwks",
+            # The project is mounted (local_repos), and with it the stack's home when it
+            # lies inside: its secrets folder and OpenBao's keys. Stages must not see it.
+            "FAASCI_SANDBOX_HIDE": str(cfg.home),
             "GATEWAY_URL": f"http://{host}:{cfg.gateway_port}",
             "PUBLIC_URL": cfg.gateway_url,  # links people follow from the host
             "FAASCI_FUNCTION": self.spec.name,

@@ -18,7 +18,8 @@ from .provider import DRAIN_S
 # Secrets the stack can make for itself, and those it leaves empty for people to fill in
 # (an empty Slack secret means "not configured"); any other secret must be provided.
 # basic-auth-user and basic-auth-password (OpenFaaS's names) guard the gateway's /system API.
-GENERATED_SECRETS = ("s3-access-key", "s3-secret-key", "webhook-secret", "basic-auth-password")
+GENERATED_SECRETS = ("s3-access-key", "s3-secret-key", "basic-auth-password",
+                     "nats-token")  # fmt: skip
 EMPTY_SECRETS = ("slack-webhook-url", "slack-bot-token")
 FIXED_SECRETS = {"basic-auth-user": "admin"}
 
@@ -86,10 +87,20 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     services.write_s3_identities(
         cfg, settings.secret("s3-access-key"), settings.secret("s3-secret-key")
     )
+    services.write_nats_config(cfg, settings.nats_user, settings.secret("nats-token"))
     if services.start_nats(cfg, env):
         say(f"NATS (JetStream) on {cfg.nats_url}")
     if services.start_s3(cfg, env):
         say(f"S3 (SeaweedFS) on {cfg.s3_url}")
+    from . import oidc  # before the functions (they fetch its keys) and the CLI's token
+
+    if oidc.start_oidc(cfg, env):
+        say(f"OIDC provider (oidc-provider) on {cfg.oidc_issuer}")
+    # Before the functions: they log in with the AppRole ids it writes to the secrets folder.
+    from . import openbao
+
+    if openbao.start(cfg, env):
+        say(f"Vault (OpenBao) on {cfg.vault_url}")
     store = ObjectStore(settings)
     processes.wait_until(lambda: store.ensure_bucket() is None, 60, "the S3 bucket")
     if cfg.containers:  # before the gateway: a cold build takes longer than its start
@@ -121,6 +132,7 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
             "(faasci up --containers runs each behind it)")  # fmt: skip
     say(f"faas-cli login --gateway {cfg.gateway_url} --username admin --password-stdin "
         f"< {cfg.secrets_dir / 'basic-auth-password'}")  # fmt: skip
+    say("the webhook secret to configure a git host with: faasci secrets show-webhook")
     if connector:
         services.start_cron_connector(cfg, env, connector)
         say(f"schedules: OpenFaaS cron-connector ({connector[0]})")
@@ -148,7 +160,7 @@ def not_ready_report(cfg: LocalConfig) -> str:
 
 def down(cfg: LocalConfig, say=print) -> None:
     """Stop the gateway (and with it every function), S3 and NATS; data stays for next time."""
-    parts = ("cron-connector", "gateway", "s3", "nats")
+    parts = ("cron-connector", "gateway", "vault", "oidc", "s3", "nats")
     # The gateway first drains its functions (DRAIN_S each, all at once).
     stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
     if removed := remove_containers(cfg):  # those a gateway killed mid-stop left behind

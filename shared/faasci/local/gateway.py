@@ -31,6 +31,7 @@ from ..bus import Bus
 from ..errors import NotFound, UserError
 from . import openfaas_api, queue
 from .config import LocalConfig
+from .control import client_settings
 from .cron import Scheduler, invoke_through_gateway
 from .provider import DRAIN_S, HOP_HEADERS, Provider
 
@@ -50,7 +51,41 @@ def error(status: int, message: str, field: str | None = None) -> Response:
     return resp
 
 
-def create_app(provider: Provider, bus: Bus) -> Flask:
+def callback_allowed(url: str, allowed: list[str]) -> bool:
+    """Is `url` under one of the `allowed` URL prefixes? Compared in a normal form (scheme,
+    host and port, path), refusing user names, dot segments and escapes in the path, so a
+    URL cannot look allowed and go elsewhere."""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    except ValueError:  # a port that is not a number
+        return False
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username:
+        return False
+    segments = parsed.path.split("/")
+    if "%" in parsed.path or "\\" in parsed.path or {".", ".."} & set(segments):
+        return False
+    normal = f"{parsed.scheme}://{parsed.hostname}:{port}{parsed.path or '/'}"
+    for prefix in allowed:
+        p = urlparse(prefix)
+        p_port = p.port or {"http": 80, "https": 443}.get(p.scheme)
+        if normal.startswith(f"{p.scheme}://{p.hostname}:{p_port}{p.path or '/'}"):
+            return True
+    return False
+
+
+def callback_allow_list(gateway_url: str, env=os.environ) -> list[str]:
+    """FAASCI_CALLBACK_ALLOW: space-separated URL prefixes X-Callback-Url may name; by
+    default only this gateway's own functions (`<gateway>/function/`)."""
+    configured = env.get("FAASCI_CALLBACK_ALLOW")
+    if configured is None:
+        return [f"{gateway_url.rstrip('/')}/function/"]
+    return configured.split()
+
+
+def create_app(provider: Provider, bus: Bus, callback_allow: list[str] | None = None) -> Flask:
+    """`callback_allow`: the X-Callback-Url prefixes accepted (see callback_allow_list)."""
+    allow = callback_allow or []
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = SYNC_MAX_BYTES
 
@@ -114,6 +149,10 @@ def create_app(provider: Provider, bus: Bus) -> Flask:
                 return error(
                     400, f"X-Callback-Url {callback!r} is not an http(s) URL", "X-Callback-Url"
                 )
+            if not callback_allowed(callback, allow):
+                return error(400, f"X-Callback-Url {callback!r} is not allowed (allowed: "
+                             f"{' '.join(allow) or 'none'}; FAASCI_CALLBACK_ALLOW)",
+                             "X-Callback-Url")  # fmt: skip
         call_id = request.headers.get("X-Call-Id") or str(uuid.uuid4())
         headers = {
             k: v
@@ -187,8 +226,8 @@ def main() -> None:
     cfg = LocalConfig.from_env()
     stack = stack_file.load(cfg.stack_file)
     provider = Provider(cfg, stack)
-    bus = Bus(cfg.nats_url, name="faasci-gateway")
-    app = create_app(provider, bus)
+    bus = Bus(cfg.nats_url, name="faasci-gateway", **client_settings(cfg).nats_credentials())
+    app = create_app(provider, bus, callback_allow_list(cfg.gateway_url))
     bus.call(queue.ensure_queue, bus, patience=60)  # async requests can be taken from the start
     provider.start()
 

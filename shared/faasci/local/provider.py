@@ -136,6 +136,9 @@ class FunctionProcess(FunctionInstance):
             "PUBLIC_URL": cfg.gateway_url,
             "NATS_URL": cfg.nats_url,
             "S3_ENDPOINT": cfg.s3_url,
+            "VAULT_ADDR": cfg.vault_url,
+            "OIDC_ISSUER": cfg.oidc_issuer,  # the local OIDC provider (oidc.py)
+            "OIDC_AUDIENCE": "faasci",
             "PORT": str(self.port),
             "BIND_ADDRESS": "127.0.0.1",
             "DRAIN_TIMEOUT": f"{DRAIN_S}s",  # the local grace period, not write_timeout's hours

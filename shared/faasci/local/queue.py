@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -55,9 +56,25 @@ def request_message(
     }
 
 
+# Headers that say who calls: part of a request's identity, so a caller without the
+# platform's signing key can never make a request identical to an internal one.
+CREDENTIAL_HEADERS = ("authorization", "x-faasci-signature")
+
+
+def dedup_id(message: dict) -> str:
+    """JetStream's Msg-Id for a request: a repeat is stored once. A digest of everything
+    the function gets (function, method, path, query, call id, credentials and body), never
+    the client's X-Call-Id alone, which anyone may set to the id of a hand-off to come (it
+    would drop the real one). Only a byte-identical request, credentials included, is a
+    duplicate; one that gets through twice anyway is harmless (stages claim attempts)."""
+    headers = {k.lower(): v for k, v in message["headers"].items()}
+    parts = [message["function"], message["method"], message["path"], message["query"],
+             message["call_id"], *(headers.get(h, "") for h in CREDENTIAL_HEADERS)]  # fmt: skip
+    return hashlib.sha256(json.dumps([*parts, message["body"]]).encode()).hexdigest()
+
+
 async def enqueue(bus: Bus, message: dict) -> None:
-    # The call id doubles as JetStream's Msg-Id: a repeated request is stored once.
-    await bus.publish_json(f"{STREAM}.{message['function']}", message, msg_id=message["call_id"])
+    await bus.publish_json(f"{STREAM}.{message['function']}", message, msg_id=dedup_id(message))
 
 
 async def ensure_queue(bus: Bus) -> None:

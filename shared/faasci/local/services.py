@@ -8,6 +8,7 @@ import os
 
 import requests
 
+from ..audit import STREAM as AUDIT_STREAM
 from . import processes
 from .config import LocalConfig, openfaas_tool, tool
 
@@ -26,6 +27,8 @@ def nats_argv(cfg: LocalConfig) -> list[str]:
         str(cfg.nats_port + 4000),
         "-n",
         "faasci",
+        "-c",
+        str(cfg.run / "nats.conf"),
     ]
 
 
@@ -57,6 +60,35 @@ def write_s3_identities(cfg: LocalConfig, access_key: str, secret_key: str) -> N
     path = cfg.run / "s3.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(identities))
+    os.chmod(path, 0o600)
+
+
+# What no NATS client may ask for, not even the platform's own functions: removing audit
+# entries (faasci.audit) or loosening the stream's deny_delete/deny_purge.
+NATS_DENIED = [
+    f"$JS.API.STREAM.{op}.{AUDIT_STREAM}" for op in ("DELETE", "PURGE", "MSG.DELETE", "UPDATE")
+]
+
+
+def write_nats_config(cfg: LocalConfig, user: str, password: str) -> None:
+    """NATS's configuration (0600): one user, the stack's, whose password is the secret
+    `nats-token`; a client without it cannot connect (a stage's commands among them)."""
+    config = {
+        "authorization": {
+            "users": [
+                {
+                    "user": user,
+                    "password": password,
+                    "permissions": {"publish": {"deny": NATS_DENIED}},
+                }
+            ]
+        }
+    }
+    path = cfg.run / "nats.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:  # JSON is valid NATS configuration syntax
+        f.write(json.dumps(config, indent=2))
     os.chmod(path, 0o600)
 
 
