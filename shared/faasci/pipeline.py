@@ -148,8 +148,9 @@ class StageSpec(BaseModel):
     # Strict: YAML's `true` is not a number of seconds or of retries.
     timeout: int = Field(default=600, gt=0, le=6 * 3600, strict=True, description="seconds")
     retries: int = Field(default=3, ge=0, le=10, strict=True)
-    # A failing test fails fast; infrastructure trouble and timeouts are worth another try.
-    retry_on: list[RetryReason] = ["timeout", "infra"]
+    # As the seed says: a failing test is retried (with the back-off) before the one alert;
+    # a pipeline narrows it (e.g. `retry_on: [timeout, infra]` to fail fast on a test).
+    retry_on: list[RetryReason] = ["exit", "timeout", "infra"]
     backoff: Backoff = Backoff()
     cache: bool = True  # restore the pipeline's dependency cache first (when it has one)
     # A container image to run the commands in (through the engine at DOCKER_HOST); without

@@ -18,6 +18,15 @@ def faasci(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProce
                           timeout=timeout, cwd=ROOT)  # fmt: skip
 
 
+def fail_fast(service: Path) -> None:
+    """Narrow the sample's unit stage to fail at its first red test (by default a failing
+    test is retried three times, with the back-off)."""
+    spec = service / ".faasci.yml"
+    unit = '    run: ["python -m pytest -q tests/unit"]\n'
+    assert unit in spec.read_text()
+    spec.write_text(spec.read_text().replace(unit, unit + "    retry_on: [timeout, infra]\n"))
+
+
 def test_sample_service_passes_all_six_stages(stack, sample_repo):
     """`faasci run --json` on the sample service ends passed with six timed stages."""
     done = faasci(stack, "run", str(sample_repo), "--json")
@@ -43,7 +52,9 @@ def test_sample_service_passes_all_six_stages(stack, sample_repo):
 
 
 def test_failing_unit_tests_stop_the_run_at_unit(stack, sample_repo):
-    """A failing unit test fails the run at unit; its output is in `faasci logs`."""
+    """A failing unit test fails the run at unit (at once with `retry_on: [timeout, infra]`);
+    its output is in `faasci logs`."""
+    fail_fast(sample_repo)
     test = sample_repo / "tests" / "unit" / "test_broken.py"
     test.write_text("def test_inventory_is_broken():\n    assert 1 + 1 == 3, 'arithmetic'\n")
     commit_all(sample_repo, "break a test")
@@ -61,7 +72,7 @@ def test_failing_unit_tests_stop_the_run_at_unit(stack, sample_repo):
         "deploy": "skipped",
     }
     unit = run["stages"][1]
-    assert len(unit["attempts"]) == 1  # a failing test is not retried by default
+    assert len(unit["attempts"]) == 1  # not retried: the pipeline narrowed retry_on
     assert unit["attempts"][0]["exit_code"] == 1
     assert all(not s["attempts"] for s in run["stages"][2:])
     logs = faasci(stack, "logs", run["id"], "unit")
@@ -74,6 +85,7 @@ def test_folder_in_a_repository_with_changes_runs_a_snapshot(stack, tmp_path):
     outer = tmp_path / "monorepo"
     service = outer / "services" / "inventory"
     shutil.copytree(SAMPLE, service, ignore=shutil.ignore_patterns("__pycache__", ".*_cache"))
+    fail_fast(service)
     git(outer, "init", "--quiet", "--initial-branch=trunk")
     head = commit_all(outer, "monorepo")
     status_before = git(outer, "status", "--porcelain")

@@ -55,12 +55,15 @@ def test_valid_file_parses_in_canonical_stage_order():
 
 
 def test_defaults_for_retries_retry_on_and_timeout():
-    """A stage naming only `run` gets 3 retries on timeout/infra and a 600 s timeout."""
+    """A stage naming only `run` gets 3 retries on exit/timeout/infra (a failing test is
+    retried, as the seed says) and a 600 s timeout; a pipeline can narrow retry_on."""
     p = pipeline.parse("stages:\n  lint:\n    run: [ruff check .]\n", "svc")
     lint = p.stages["lint"]
     assert lint.retries == 3
-    assert lint.retry_on == ["timeout", "infra"]
+    assert lint.retry_on == ["exit", "timeout", "infra"]
     assert lint.timeout == 600
+    narrowed = pipeline.parse("stages: {lint: {run: [x], retry_on: [timeout, infra]}}\n", "s")
+    assert narrowed.stages["lint"].retry_on == ["timeout", "infra"]
 
 
 def test_service_defaults_to_the_given_name():
@@ -271,7 +274,11 @@ def test_default_pipeline_of_each_python_corpus_project(name, tmp_path, resolve_
     assert spec.stage_names() == stages
     assert spec.stages["lint"].run == ["ruff check --no-fix ."]
     assert spec.stages["unit"].run == ["python -m pytest"]
-    assert spec.stages["unit"].retries == 3 and spec.stages["unit"].retry_on == ["timeout", "infra"]
+    assert spec.stages["unit"].retries == 3 and spec.stages["unit"].retry_on == [
+        "exit",
+        "timeout",
+        "infra",
+    ]
     assert any("ruff" in line and "pre-commit" in line for line in why)
 
 

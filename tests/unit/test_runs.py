@@ -12,7 +12,7 @@ from faasci.errors import Conflict, NotFound, Unprocessable
 PIPELINE = """\
 service: inventory
 stages:
-  lint: {run: [ruff check .]}
+  lint: {run: [ruff check .], retry_on: [timeout, infra]}
   unit: {run: [pytest], retries: 2}
   build: {run: [make]}
 """
@@ -131,7 +131,8 @@ def test_last_stage_passed_passes_the_run_with_a_duration(run):
 
 
 def test_failure_not_in_retry_on_fails_the_run_and_skips_later_stages(run):
-    """A failing test (reason `exit`) is not retried: run failed, later stages skipped."""
+    """A failing test (reason `exit`) where the pipeline narrows retry_on to timeout/infra is
+    not retried: run failed, later stages skipped."""
     runs.claim(run, "lint", 1, "w")
     following = runs.finish(
         run, "lint", 1, status="failed", exit_code=1, reason="exit", error="ruff found 3 errors"
@@ -152,6 +153,21 @@ def test_failure_not_in_retry_on_fails_the_run_and_skips_later_stages(run):
         "exit",
         "ruff found 3 errors",
     )
+
+
+def test_a_failing_test_is_retried_by_default():
+    """Without retry_on in the pipeline a non-zero exit is retried (the seed's three times),
+    and only the fourth failure fails the run and asks for the one alert."""
+    p = pipeline.parse("stages: {unit: {run: [pytest]}}\n", "svc")
+    run = runs.new_run(p, repo="/src/inventory", ref="main", commit="a" * 40, source="/src/inv")
+    for number in (1, 2, 3):
+        runs.claim(run, "unit", number, "w")
+        following = runs.finish(run, "unit", number, status="failed", exit_code=1, reason="exit")
+        assert (following.stage, following.attempt, following.notify) == ("unit", number + 1, False)
+        assert following.delay_s > 0 and run.status == "running"
+    runs.claim(run, "unit", 4, "w")
+    following = runs.finish(run, "unit", 4, status="failed", exit_code=1, reason="exit")
+    assert following.notify and run.status == "failed" and len(run.stage("unit").attempts) == 4
 
 
 def test_retryable_failure_queues_the_same_stage_with_the_next_attempt(run):
