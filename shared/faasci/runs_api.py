@@ -3,6 +3,8 @@ POST /<id>/cancel (stop one), GET /audit (the audit trail)."""
 
 from __future__ import annotations
 
+import re
+
 from . import audit, runs
 from .api import Route, json_body, run_id_field, string_field
 from .errors import UserError
@@ -11,7 +13,18 @@ from .trigger import start_run
 
 
 def history(event, principal) -> dict:
-    return {"runs": [_summary(r) for r in run_store().list(_limit(event.query))]}
+    """GET /: the newest runs first; ?limit= (1-500, default 50), ?before=<run id> (the page
+    after the one ending at that run: answered as `next`), ?service= (that service's only).
+    A listing the store cannot give whole is a 503, never an empty list."""
+    query = event.query
+    before = query.get("before") or ""
+    if before:
+        run_id_field(before)
+    service = query.get("service") or None
+    if service is not None and not SERVICE_RE.match(service):
+        raise UserError(f"service {service!r} is not a service name", field="service")
+    found, after = run_store().page(_limit(query), before=before, service=service)
+    return {"runs": [_summary(r) for r in found], "next": after}
 
 
 def show(event, principal, run_id: str) -> dict:
@@ -50,6 +63,8 @@ def audit_entries(query) -> dict:
         raise UserError(str(e), field="since") from None
     return {"entries": found}
 
+
+SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as pipeline.Pipeline.service
 
 ROUTES = [
     Route("GET", "/", "viewer", history),

@@ -8,7 +8,8 @@ applied twice without effect, which makes repeating a write of unknown outcome s
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import json
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -19,15 +20,29 @@ from nats.js.errors import (
 )
 
 from .bus import Bus
-from .errors import NotFound
+from .errors import NotFound, UserError
 from .runs import Run
 
 T = TypeVar("T")
 PATIENCE_S = 120
 
 BUCKET = "faasci-runs"
+# The index by service: an empty entry "<service, '.' as '='>.<run id>" per run, so a
+# service's runs are listed from the stream's subjects without reading every run.
+INDEX_BUCKET = "faasci-runs-by-service"
 EVENTS_STREAM = "FAASCI_EVENTS"
 EVENTS_SUBJECT = "faasci.events"  # faasci.events.<run id>
+
+
+class ListingFailed(UserError):
+    """The run store answered a listing it could not vouch for: an error, never an empty or
+    partial list passed off as the history."""
+
+    status = 503
+
+
+def _service_token(service: str) -> str:
+    return service.replace(".", "=")  # "=" is in no service name; "." splits NATS tokens
 
 
 class RunStore:
@@ -46,6 +61,7 @@ class RunStore:
             except KeyWrongLastSequenceError:  # a repeat of a create that went through
                 if (await self._get(run.id))[0] != run:
                     raise
+            await self._index(run)
             await self._publish(run, "run.created")
 
         self.bus.call(_create, patience=PATIENCE_S)
@@ -82,25 +98,102 @@ class RunStore:
 
         return self.bus.call(_update, patience=PATIENCE_S)
 
-    def list(self, limit: int = 50, since: str = "") -> list[Run]:
+    def list(self, limit: int = 50, since: str = "", before: str = "",
+             service: str | None = None) -> list[Run]:  # fmt: skip
         """The newest runs first, at most `limit`, none older than the run id `since` (run
         ids sort by creation time: "20261127-" is the 27th of November 2026 on)."""
+        return self.page(limit, since=since, before=before, service=service)[0]
 
-        async def _list():
+    def page(self, limit: int = 50, *, since: str = "", before: str = "",
+             service: str | None = None) -> tuple[list[Run], str | None]:  # fmt: skip
+        """One page of the history, newest first: at most `limit` runs with ids from `since`
+        and below `before` (a cursor: the last id of the page before), of one `service`
+        when given; and the cursor of the next page (None: no more). A listing the store
+        cannot give whole raises ListingFailed (a 503), never answers fewer runs."""
+
+        async def _page():
             await self._kv()
-            # The stream's subjects, not kv.keys(): nats-py's keys() watcher can end before
-            # its first entry arrives when the client is busy, and then lists nothing.
-            prefix = f"$KV.{BUCKET}."
-            js = await self.bus.js()
-            info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"{prefix}>")
-            keys = [subject.removeprefix(prefix) for subject in info.state.subjects or {}]
-            runs = []
-            for key in sorted((k for k in keys if k >= since), reverse=True)[:limit]:
-                with contextlib.suppress(NotFound, ValueError):  # deleted meanwhile; not a run
-                    runs.append((await self._get(key))[0])
-            return runs
+            ids = await self._ids(service)
+            wanted = sorted((k for k in ids if k >= since and (not before or k < before)),
+                            reverse=True)  # fmt: skip
+            runs: list[Run] = []
+            at = 0
+            while len(runs) < limit and at < len(wanted):
+                batch = wanted[at : at + limit - len(runs)]
+                at += len(batch)
+                found = await asyncio.gather(*(self._maybe(k) for k in batch))
+                runs += [run for run in found if run is not None]
+            return runs, (runs[-1].id if runs and at < len(wanted) else None)
 
-        return self.bus.call(_list, patience=PATIENCE_S)
+        return self.bus.call(_page, patience=PATIENCE_S)
+
+    async def _maybe(self, run_id: str) -> Run | None:
+        try:
+            return (await self._get(run_id))[0]
+        except (NotFound, ValueError):  # deleted meanwhile; not a run
+            return None
+
+    async def _index(self, run: Run) -> None:
+        index = await self.bus.bucket(INDEX_BUCKET)
+        await index.put(f"{_service_token(run.service)}.{run.id}", b"")
+
+    async def _ids(self, service: str | None) -> list[str]:
+        """The run ids stored (of one service), read from the key-value streams' subjects:
+        not kv.keys(), whose watcher can end before its first entry arrives when the
+        client is busy, and then lists nothing."""
+        prefix = f"$KV.{BUCKET}."
+        every = [s.removeprefix(prefix) for s in await self._subjects(BUCKET, f"{prefix}>")]
+        if service is None:
+            return every
+        await self.bus.bucket(INDEX_BUCKET)
+        prefix = f"$KV.{INDEX_BUCKET}.{_service_token(service)}."
+        indexed = {s.removeprefix(prefix) for s in await self._subjects(INDEX_BUCKET, f"{prefix}*")}
+        # Runs stored before the index was, or whose index entry a crash lost: read once,
+        # indexed, so the index is whole from then on.
+        entries = await self._subjects(INDEX_BUCKET, f"$KV.{INDEX_BUCKET}.*.*", count=False)
+        seen = {subject.rpartition(".")[2] for subject in entries}
+        for run_id in every:
+            if run_id in seen:
+                continue
+            run = await self._maybe(run_id)
+            if run is not None:
+                await self._index(run)
+                if run.service == service:
+                    indexed.add(run_id)
+        return sorted(indexed)
+
+    async def _subjects(self, bucket: str, subjects_filter: str, count: bool = True) -> list[str]:
+        """Every subject of the bucket's stream matching the filter, page after page. An
+        error, or an answer that does not add up, raises ListingFailed."""
+        nc = await self.bus.nc()
+        found: dict[str, int] = {}
+        while True:
+            request = {"subjects_filter": subjects_filter, "offset": len(found)}
+            msg = await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}",
+                                   json.dumps(request).encode(), timeout=5)  # fmt: skip
+            try:
+                answer = json.loads(msg.data)
+            except ValueError as e:
+                raise ListingFailed("listing runs failed: NATS answered no JSON") from e
+            if "error" in answer:
+                error = answer["error"].get("description", answer["error"])
+                raise ListingFailed(f"listing runs failed: NATS said {error}")
+            state = answer.get("state") or {}
+            page = state.get("subjects") or {}
+            found.update(page)
+            total = answer.get("total", len(found))
+            if not page or len(found) >= total:
+                break
+        if len(found) < total or (
+            count
+            and subjects_filter.endswith(".>")
+            and len(found) != state.get("num_subjects", len(found))
+        ):
+            raise ListingFailed(
+                f"listing runs failed: NATS listed {len(found)} of "
+                f"{state.get('num_subjects', total)} entries; try again"
+            )
+        return list(found)
 
     async def _publish(self, run: Run, event: str) -> None:
         await self.bus.publish_json(

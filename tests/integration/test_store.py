@@ -90,3 +90,42 @@ def test_logs_round_trip_through_s3(client_settings, tmp_path):
     assert store.get_bytes("logs/test/unit/1.log") == path.read_bytes()
     with pytest.raises(NotFound):
         store.get_bytes("logs/test/unit/404.log")
+
+
+def test_listing_pages_by_cursor_and_filters_by_service(client_settings):
+    """page(): newest first, `before` continues where a page ended, `next` is None at the
+    end; `service` lists that service's runs only (the index healed when an entry is lost)."""
+    import secrets as random
+
+    from faasci import store as store_module
+
+    store = services.run_store()
+    mine = f"listing.{random.token_hex(4)}"  # a dot: NATS tokens must not split it
+
+    def run_of(service: str) -> runs.Run:
+        spec = pipeline.validate({"service": service, "stages": {"lint": {"run": ["true"]}}})
+        return runs.new_run(spec, repo="/tmp/r", ref="main", commit="a" * 40, source="/tmp/r")
+
+    created = sorted((store.create(run_of(mine)).id for _ in range(5)), reverse=True)
+    other = store.create(run_of(f"{mine}-other")).id
+    pages, cursor = [], ""
+    while True:
+        found, cursor = store.page(2, before=cursor, service=mine)
+        pages.append([r.id for r in found])
+        if cursor is None:
+            break
+    assert pages == [created[:2], created[2:4], created[4:]]
+    everything = [r.id for r in store.list(limit=10**9)]
+    assert set(created) | {other} <= set(everything) and everything == sorted(everything)[::-1]
+    first, after = store.page(3)
+    assert [r.id for r in first] == everything[:3] and after == everything[2]
+
+    async def drop_index_entry():
+        bucket = store_module.INDEX_BUCKET
+        js = await store.bus.js()
+        subject = f"$KV.{bucket}.{mine.replace('.', '=')}.{created[0]}"
+        await js.purge_stream(f"KV_{bucket}", subject=subject)
+        assert not await store._subjects(bucket, subject, count=False)  # gone: healed below
+
+    store.bus.call(drop_index_entry)
+    assert [r.id for r in store.list(limit=10, service=mine)] == created
