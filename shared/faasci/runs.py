@@ -241,6 +241,45 @@ def next_after(run: Run, stage_name: str, number: int) -> Next:
     return Next()
 
 
+class Owed(BaseModel):
+    """What a hand-off still owes, judged from the record: invoking `function` (a stage,
+    at `attempt`, or "notifier"), due since `since` (in the future while a retry backs
+    off); `unrecorded` while the attempt's end is not written yet."""
+
+    function: str | None = None
+    attempt: int = 1
+    since: datetime | None = None
+    unrecorded: bool = False
+
+
+def owed_after(run: Run, stage_name: str | None, number: int) -> Owed:
+    """What should follow attempt `number` of a stage (`stage_name` None: the run's start)
+    and has not happened yet. Only this hand-off's own successor counts (the next stage's
+    first attempt, or this stage's next attempt), so two guards never chase one attempt."""
+    if stage_name is None:
+        first = run.stages[0]
+        if not run.finished and first.status == "queued" and not first.attempts:
+            return Owed(function=first.name, since=run.created_at)
+        return Owed()
+    ended = run.stage(stage_name).attempts[number - 1]
+    if ended.status == "running" and not run.finished:
+        return Owed(unrecorded=True)
+    following = next_after(run, stage_name, number)
+    if following.notify:
+        alert = run.alert
+        if alert and alert.status == "pending" and alert.tries == 0:  # never picked up
+            return Owed(function="notifier", since=run.finished_at)
+        return Owed()
+    if not following.stage:
+        return Owed()
+    target = run.stage(following.stage)
+    ours = number + 1 if following.stage == stage_name else 1
+    if following.attempt != ours or len(target.attempts) >= ours:
+        return Owed()
+    return Owed(function=target.name, attempt=ours,
+                since=target.retry_at or ended.finished_at)  # fmt: skip
+
+
 def cancel(run: Run) -> None:
     """Stop a run: queued stages never start; a running one is killed by its worker."""
     if run.finished:

@@ -8,6 +8,12 @@ notifier when the run has failed.
 
 A worker that dies mid-attempt stops its heartbeat; the attempt's lease timer notices and
 records the attempt as lost, which is retried like any infrastructure failure.
+
+Recording an attempt's end and invoking what follows are one recoverable step: a durable
+hand-off guard (a timer) is armed before the record is written, and invokes the successor
+again, with back-off, for as long as the record says it is owed and nobody has claimed it.
+So neither a gateway that is down for minutes nor a worker dying between the record and the
+invocation leaves a run `running` with nothing running.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from . import audit, cache, git, invalidation, runs, services, shell, stage_secrets, timers
+from .errors import NotFound
 from .invoke import InvocationError
 from .logs import log_key, log_link
 from .runs import Next, Run
@@ -84,6 +91,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
 
     error = held.masker.text(error)
     status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
+    guard_handoff(run_id, stage, number)  # before the record: see guard_handoff
     run, following = store.update(
         run_id,
         lambda r: runs.finish(r, stage, number, status=status, exit_code=outcome.exit_code,
@@ -309,30 +317,67 @@ def _tail(path: Path) -> str:
 
 # Handing on: every path out of an attempt goes through here.
 
+HANDOFF_GRACE_S = 60  # a hand-off the gateway accepted is claimed well within this
+HANDOFF_BACKOFF_MAX_S = 30  # while the gateway refuses: how often the guard tries again
 
-def hand_on(run_id: str, following: Next) -> None:
+
+def hand_on(run_id: str, following: Next, patient: bool = True) -> None:
+    """Invoke what follows a recorded attempt. A failure is logged, not raised: the result
+    is recorded and the attempt's hand-off guard invokes the successor once the gateway
+    takes it. `patient` retries for ~30 s here (a short blip costs no guard delay)."""
     if following.stage and following.attempt > 1:  # a retry (a first attempt is a hand-off)
         try:  # recorded, but never at the cost of the retry itself
             audit.record("stage.retry", run=run_id, detail={"stage": following.stage,
                          "attempt": following.attempt, "delay_s": following.delay_s})  # fmt: skip
         except Exception as e:
             log.error("run %s: recording the retry of %s failed: %s", run_id, following.stage, e)
-    if following.stage and following.delay_s > 0:
-        stage, attempt = following.stage, following.attempt
-        timers.schedule(services.bus(), "dispatch",
-                        {"run_id": run_id, "stage": stage, "attempt": attempt},
-                        following.delay_s, f"{run_id}.{stage}.{attempt}.due")  # fmt: skip
-    elif following.stage:
-        dispatch(run_id, following.stage, following.attempt)
-    if following.notify:
-        invoke_with_retries("notifier", {"run_id": run_id}, f"{run_id}.notify")
+    try:
+        if following.stage and following.delay_s > 0:
+            stage, attempt = following.stage, following.attempt
+            timers.schedule(services.bus(), "dispatch",
+                            {"run_id": run_id, "stage": stage, "attempt": attempt},
+                            following.delay_s, f"{run_id}.{stage}.{attempt}.due")  # fmt: skip
+        elif following.stage:
+            dispatch(run_id, following.stage, following.attempt, patient)
+        if following.notify:
+            _invoke("notifier", {"run_id": run_id}, f"{run_id}.notify", patient)
+    except Exception as e:
+        log.warning("run %s: handing on failed (%s); its hand-off guard will retry", run_id, e)
 
 
-def dispatch(run_id: str, stage: str, attempt: int) -> None:
+def hand_to_first(run_id: str, first_stage: str) -> None:
+    """Hand a new run (its record written) to its first stage, guarded like any hand-off."""
+    guard_handoff(run_id, None, 0)
+    hand_on(run_id, Next(stage=first_stage))
+
+
+def guard_handoff(run_id: str, stage: str | None, number: int) -> None:
+    """Arm the durable timer that makes sure what follows attempt `number` of `stage` (None:
+    the run's start) happens. Armed before the attempt's end is recorded, so no crash or
+    outage between recording and invoking can lose the successor; when it fires it acts on
+    the record alone (on_handoff_timer). Best effort: a failure to arm it is logged, and
+    the immediate invocation still goes on."""
+    try:
+        timer_id = f"{run_id}.{stage or 'start'}.{number}.handoff"
+        timers.schedule(services.bus(), "handoff",
+                        {"run_id": run_id, "stage": stage, "attempt": number},
+                        HANDOFF_GRACE_S, timer_id)  # fmt: skip
+    except Exception as e:
+        log.error("run %s: arming the hand-off guard of %s failed: %s", run_id, stage, e)
+
+
+def dispatch(run_id: str, stage: str, attempt: int, patient: bool = True) -> None:
     """Invoke a stage asynchronously. The call id is derived from the attempt, so the
-    gateway's queue drops a repeated dispatch of the same attempt."""
-    invoke_with_retries(stage, {"run_id": run_id, "attempt": attempt},
-                        f"{run_id}.{stage}.{attempt}")  # fmt: skip
+    gateway's queue drops a repeated dispatch of the same attempt; one that gets through
+    anyway finds its attempt claimed and does nothing."""
+    _invoke(stage, {"run_id": run_id, "attempt": attempt}, f"{run_id}.{stage}.{attempt}", patient)
+
+
+def _invoke(function: str, body: dict, call_id: str, patient: bool) -> None:
+    if patient:
+        invoke_with_retries(function, body, call_id)
+    else:  # a timer: it backs off itself, and must answer within its ack wait
+        services.gateway().call_async(function, body, call_id=call_id)
 
 
 def invoke_with_retries(function: str, body: dict, call_id: str) -> None:
@@ -355,9 +400,47 @@ def arm_lease(run_id: str, stage: str, number: int) -> None:
 # Timer handlers (run by the timers function).
 
 
-def on_dispatch_timer(timer: dict) -> None:
-    """A retry's back-off has passed: invoke the attempt."""
-    dispatch(timer["run_id"], timer["stage"], timer["attempt"])
+def on_dispatch_timer(timer: dict) -> float | None:
+    """A retry's back-off has passed: invoke the attempt, unless it is no longer owed."""
+    return _invoke_owed(timer["run_id"], timer["stage"], timer["attempt"] - 1, grace_s=0)
+
+
+def on_handoff_timer(timer: dict) -> float | None:
+    """A hand-off's guard: while the record says its successor is owed and nobody claimed
+    it HANDOFF_GRACE_S after it was due, invoke it again, backing off while the gateway
+    refuses. Done once it is claimed (a duplicate finds its attempt taken) or not owed."""
+    return _invoke_owed(timer["run_id"], timer["stage"], timer["attempt"], HANDOFF_GRACE_S)
+
+
+def _invoke_owed(run_id: str, stage: str | None, number: int, grace_s: float) -> float | None:
+    try:
+        run = services.run_store().get(run_id)
+    except NotFound:
+        return None
+    owed = runs.owed_after(run, stage, number)
+    if owed.unrecorded:  # its worker, or else its lease timer, records the end
+        return LEASE_S
+    if owed.function is None:
+        return None
+    overdue = (runs.now() - owed.since).total_seconds() - grace_s
+    if overdue < 0:
+        return -overdue + 1
+    if grace_s:
+        log.warning("run %s: %s (attempt %d) not started %.0fs after its hand-off; invoking it",
+                    run_id, owed.function, owed.attempt, overdue + grace_s)  # fmt: skip
+    try:
+        if owed.function == "notifier":
+            _invoke("notifier", {"run_id": run_id}, f"{run_id}.notify", patient=False)
+        else:
+            dispatch(run_id, owed.function, owed.attempt, patient=False)
+    except InvocationError as e:
+        delay = min(HANDOFF_BACKOFF_MAX_S, 5 + overdue / 10)
+        log.warning("run %s: invoking %s failed (%s); again in %.0fs", run_id, owed.function,
+                    e, delay)  # fmt: skip
+        return delay
+    # The guard looks again later: claimed by then, or invoked once more. A retry's timer
+    # is done: the failed attempt's guard watches its successor.
+    return HANDOFF_GRACE_S if grace_s else None
 
 
 def on_lease_timer(timer: dict) -> float | None:
@@ -372,8 +455,9 @@ def on_lease_timer(timer: dict) -> float | None:
     if silent < timedelta(seconds=LEASE_S):
         return LEASE_S - silent.total_seconds() + 1
     log.warning("run %s: %s attempt %d lost (%s)", run_id, stage, number, attempt.worker)
+    guard_handoff(run_id, stage, number)  # as a worker does before recording the end
     _, following = services.run_store().update(
         run_id, lambda r: runs.lose(r, stage, number, silent.total_seconds()), "stage.lost"
     )
-    hand_on(run_id, following)
+    hand_on(run_id, following, patient=False)
     return None

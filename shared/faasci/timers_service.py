@@ -9,6 +9,7 @@ from .timers import TimerWorker
 
 HANDLERS = {
     "dispatch": stage.on_dispatch_timer,
+    "handoff": stage.on_handoff_timer,
     "lease": stage.on_lease_timer,
     "notify": alerts.on_notify_timer,
 }

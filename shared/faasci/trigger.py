@@ -11,7 +11,7 @@ from . import audit, git, pipeline, services
 from .errors import Unprocessable
 from .runs import Run, new_run
 from .settings import settings
-from .stage import dispatch
+from .stage import hand_to_first
 
 log = logging.getLogger("faasci.trigger")
 
@@ -53,7 +53,7 @@ def start_run(
     services.run_store().create(run)
     log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
     if dispatch_first:
-        dispatch(run.id, run.stages[0].name, 1)
+        hand_to_first(run.id, run.stages[0].name)  # guarded: never left queued
     return run
 
 
