@@ -181,6 +181,7 @@ class Sandbox:
             proc = subprocess.Popen(
                 argv, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(write,),
+                preexec_fn=shell.die_with_parent(),  # never outlives its function process
             )  # fmt: skip
         finally:
             os.close(write)

@@ -12,6 +12,7 @@ as a container's death would.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import psutil
 
 KILL_GRACE_S = 5
 POLL_S = 0.2
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -38,6 +40,23 @@ class Outcome:
     @property
     def passed(self) -> bool:
         return self.exit_code == 0 and not (self.timed_out or self.cancelled)
+
+
+def die_with_parent(sig: int = signal.SIGKILL):
+    """A `preexec_fn` making the child get `sig` when its parent dies, even by SIGKILL
+    (Linux's parent-death signal). Linux counts the *thread* that forked as the parent:
+    start such children from threads that live as long as the process (the main thread,
+    a supervisor, a server's worker pool). If the parent died before the signal was set,
+    the child ends at once."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork, not in the child
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 class Running(Protocol):

@@ -3,6 +3,7 @@ complete stop, and data (runs, logs) that outlives a restart. Also: secrets stay
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -175,3 +176,113 @@ stages:
         ["passed"],
         ["passed"],
     ]
+
+
+def function_processes(home: Path) -> set[int]:
+    """Pids of the processes running one of this stack's functions (their working folder is
+    a build context of the stack's)."""
+    import psutil
+
+    root = os.path.realpath(home / "run" / "functions") + os.sep
+    found = set()
+    for proc in psutil.process_iter(["cwd"]):
+        if (cwd := proc.info.get("cwd")) and (cwd + os.sep).startswith(root):
+            found.add(proc.pid)
+    return found
+
+
+def commands_of(text: str) -> list[int]:
+    """Pids of the processes whose command line mentions `text` (a stage's commands)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(text in arg for arg in p.info.get("cmdline") or ())]  # fmt: skip
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def finished(env, run_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (run := json.loads(faasci(env, "show", run_id, "--json").stdout))["status"] not in (
+        "passed",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, f"run still {run['status']}"
+        time.sleep(0.5)
+    return run
+
+
+def test_a_gateway_killed_mid_stage_leaves_no_orphan_and_up_heals(other_stack, make_repo, outside):
+    """SIGKILL of the gateway while a stage runs: its function processes die with it; `faasci
+    status` says so; `faasci up` replaces the gateway, kills the stage's orphaned commands, and
+    the run ends passed (the lost attempt retried as infra), and a new run passes."""
+    starts, release, marker = outside / "starts", outside / "release", outside / "marker"
+    repo = make_repo({".faasci.yml": f"""\
+service: killed
+stages:
+  unit:
+    run:
+      - echo start >> {starts}
+      - until [ -e {release} ]; do sleep 0.1; done
+      - echo done >> {marker}
+    retry_on: [infra]
+    backoff: {{initial_s: 0.5}}
+"""})  # fmt: skip
+    assert faasci(other_stack, "up").returncode == 0
+    home = Path(other_stack["FAASCI_HOME"])
+    before = function_processes(home)
+    assert before
+    run_id = json.loads(faasci(other_stack, "run", str(repo), "--detach", "--json").stdout)["id"]
+    wait_for(starts.exists, 60, "the unit stage did not start")
+    assert commands_of(str(release))  # the stage's command runs
+
+    os.kill(processes.pid_of(home / "run", "gateway"), signal.SIGKILL)
+    wait_for(lambda: not function_processes(home), 5, "function processes outlived the gateway")
+    status = faasci(other_stack, "status", "--json")
+    assert status.returncode == 1 and "gateway" in json.loads(status.stdout)["down"]
+
+    healed = faasci(other_stack, "up")
+    assert healed.returncode == 0, healed.stderr
+    functions = requests.get(f"{OTHER_GATEWAY}/system/functions",
+                             auth=credentials(home / "secrets"), timeout=5).json()  # fmt: skip
+    assert function_processes(home) == {f["pid"] for f in functions}
+    assert not before & function_processes(home)
+    assert commands_of(str(release)) == [], "the killed stage's commands are still running"
+    assert faasci(other_stack, "status").returncode == 0
+
+    release.touch()
+    run = finished(other_stack, run_id)
+    assert run["status"] == "passed", run
+    attempts = run["stages"][0]["attempts"]
+    assert attempts[-1]["status"] == "passed"
+    assert all(a["reason"] == "infra" for a in attempts[:-1]), attempts
+    assert marker.read_text().splitlines() == ["done"]  # the killed attempt never finished
+    other = make_repo({".faasci.yml": 'service: other\nstages:\n  lint: {run: ["true"]}\n'})
+    assert faasci(other_stack, "run", str(other)).returncode == 0
+
+
+def test_up_starts_a_dead_nats_or_s3_under_a_live_gateway(other_stack, make_repo):
+    """NATS killed, then S3: `faasci status` names the dead part and exits 1; `faasci up`
+    starts it without restarting the gateway, and runs pass again."""
+    repo = make_repo({".faasci.yml": 'service: heal\nstages:\n  lint: {run: ["true"]}\n'})
+    assert faasci(other_stack, "up").returncode == 0
+    run_dir = Path(other_stack["FAASCI_HOME"]) / "run"
+    gateway = processes.pid_of(run_dir, "gateway")
+    for part, said in (("nats", "NATS"), ("s3", "S3")):
+        pid = processes.pid_of(run_dir, part)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda pid=pid: not processes.alive(pid), 5, f"{part} did not die")
+        status = faasci(other_stack, "status")
+        assert status.returncode == 1 and f"{part} " in status.stdout, status.stdout
+        assert "down" in status.stdout.split(f"{part} ")[1].splitlines()[0]
+        healed = faasci(other_stack, "up")
+        assert healed.returncode == 0 and said in healed.stderr, healed.stderr
+        assert processes.pid_of(run_dir, "gateway") == gateway
+        done = faasci(other_stack, "run", str(repo), "--json")
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "passed", done

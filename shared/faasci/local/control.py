@@ -13,7 +13,7 @@ from ..objects import ObjectStore
 from ..settings import Settings
 from . import processes, services
 from .config import LocalConfig
-from .provider import DRAIN_S
+from .provider import DRAIN_S, kill_stale
 
 # Secrets the stack can make for itself, and those it leaves empty for people to fill in
 # (an empty Slack secret means "not configured"); any other secret must be provided.
@@ -72,12 +72,19 @@ def ensure_secrets(cfg: LocalConfig) -> None:
 
 
 def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
-    """Start what is not running; False when the stack was already up. With `containers`,
-    every function's image is built and run as a container (see containers.py)."""
+    """Start whatever part of the stack is not running (or not answering): False when every
+    part was up already. A dead NATS or S3 under a live gateway is started and the gateway
+    is left alone (its functions reconnect); a dead gateway is replaced, with whatever
+    function processes and commands it left behind. With `containers`, every function's
+    image is built and run as a container (see containers.py)."""
     if containers:
         cfg = replace(cfg, containers=True)
-    if processes.pid_of(cfg.run, "gateway") and gateway_healthy(cfg):
+    before = status(cfg)
+    # Functions that are not ready are the provider's to restart, not up's.
+    if not [part for part in before["down"] if part != "functions"]:
         say(f"faas-ci is already up: gateway {cfg.gateway_url}")
+        if before["down"]:
+            say(not_ready_report(cfg))
         return False
     for folder in (cfg.data, cfg.logs, cfg.run, cfg.workdir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +95,11 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
         cfg, settings.secret("s3-access-key"), settings.secret("s3-secret-key")
     )
     services.write_nats_config(cfg, settings.nats_user, settings.secret("nats-token"))
+    parts = before["parts"]
+    for name in ("nats", "s3", "oidc"):  # alive but not answering: replaced
+        if parts[name]["pid"] and not parts[name]["healthy"]:
+            say(f"{name} (pid {parts[name]['pid']}) is not answering: restarting it")
+            processes.stop(cfg.run, name)
     if services.start_nats(cfg, env):
         say(f"NATS (JetStream) on {cfg.nats_url}")
     if services.start_s3(cfg, env):
@@ -99,16 +111,38 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     # Before the functions: they log in with the AppRole ids it writes to the secrets folder.
     from . import openbao
 
-    if openbao.start(cfg, env):
+    if openbao.start(cfg, env):  # unsealed again when it runs already
         say(f"Vault (OpenBao) on {cfg.vault_url}")
     store = ObjectStore(settings)
     processes.wait_until(lambda: store.ensure_bucket() is None, 60, "the S3 bucket")
+    connector = services.cron_connector_argv()
+    if parts["gateway"]["healthy"]:
+        # The gateway and its functions keep running (and their stages with them): they
+        # reconnect to NATS by themselves and reach S3 per request.
+        try:
+            processes.wait_until(lambda: functions_ready(cfg), 60, "the functions")
+        except TimeoutError:  # the provider keeps restarting them; `faasci status` follows
+            say(not_ready_report(cfg))
+        say(f"gateway on {cfg.gateway_url} (kept running)")
+    else:
+        start_gateway(cfg, env, say, connector)
+    if connector and services.start_cron_connector(cfg, env, connector):
+        say(f"schedules: OpenFaaS cron-connector ({connector[0]})")
+    elif not connector:
+        say("schedules: the gateway's own scheduler (no cron-connector in OPENFAAS_BIN or PATH)")
+    return True
+
+
+def start_gateway(cfg: LocalConfig, env: dict[str, str], say, connector) -> None:
     if cfg.containers:  # before the gateway: a cold build takes longer than its start
         from .containers import build_images  # the docker SDK is needed for this mode only
 
         build_images(cfg, say)
     processes.stop(cfg.run, "gateway")  # a gateway that is alive but unhealthy
-    connector = services.cron_connector_argv()
+    # What a gateway killed hard left behind: the new one replaces it too (provider.py), but
+    # this also covers a stack started from an older checkout.
+    if killed := kill_stale(cfg):
+        say(f"killed {killed} function processes a dead gateway left behind")
     processes.start(
         cfg.run,
         "gateway",
@@ -133,12 +167,51 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     say(f"faas-cli login --gateway {cfg.gateway_url} --username admin --password-stdin "
         f"< {cfg.secrets_dir / 'basic-auth-password'}")  # fmt: skip
     say("the webhook secret to configure a git host with: faasci secrets show-webhook")
-    if connector:
-        services.start_cron_connector(cfg, env, connector)
-        say(f"schedules: OpenFaaS cron-connector ({connector[0]})")
-    else:
-        say("schedules: the gateway's own scheduler (no cron-connector in OPENFAAS_BIN or PATH)")
-    return True
+
+
+def _probe(check) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
+def status(cfg: LocalConfig) -> dict:
+    """Each part's pid and health (its process alive and its own health probe answering),
+    the functions' readiness, and `down`: the parts that are not up (empty when all are)."""
+    from . import oidc, openbao
+
+    bao = openbao.OpenBao.for_stack(cfg)
+    probes = {
+        "nats": lambda: services.nats_ready(cfg),
+        "s3": lambda: services.s3_ready(cfg),
+        "vault": bao.active,
+        "oidc": lambda: oidc.ready(cfg),
+        "gateway": lambda: gateway_healthy(cfg),
+    }
+    parts = {}
+    for name, probe in probes.items():
+        pid = processes.pid_of(cfg.run, name)
+        parts[name] = {"pid": pid, "healthy": bool(pid) and _probe(probe)}
+    connector = services.cron_connector_argv()
+    pid = processes.pid_of(cfg.run, "cron-connector")
+    parts["cron-connector"] = {"pid": pid, "healthy": bool(pid), "used": bool(connector)}
+    functions = {"ready": 0, "total": 0, "not_ready": []}
+    if parts["gateway"]["healthy"]:
+        try:
+            listed = requests.get(
+                f"{cfg.gateway_url}/system/functions", auth=system_auth(cfg), timeout=5
+            ).json()
+            functions["total"] = len(listed)
+            functions["not_ready"] = [f["name"] for f in listed if f["availableReplicas"] < 1]
+            functions["ready"] = functions["total"] - len(functions["not_ready"])
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            functions["not_ready"] = ["(the gateway's function list did not answer)"]
+    down = [n for n, p in parts.items() if not p["healthy"] and p.get("used", True)]
+    if parts["gateway"]["healthy"] and (functions["not_ready"] or not functions["total"]):
+        down.append("functions")
+    return {"gateway_url": cfg.gateway_url, "parts": parts, "functions": functions,
+            "down": down}  # fmt: skip
 
 
 def not_ready_report(cfg: LocalConfig) -> str:
@@ -163,6 +236,8 @@ def down(cfg: LocalConfig, say=print) -> None:
     parts = ("cron-connector", "gateway", "vault", "oidc", "s3", "nats")
     # The gateway first drains its functions (DRAIN_S each, all at once).
     stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
+    if killed := kill_stale(cfg):  # left by a gateway that was killed
+        stopped.append(f"{killed} function processes")
     if removed := remove_containers(cfg):  # those a gateway killed mid-stop left behind
         stopped.append(f"{removed} containers")
     say(f"stopped {', '.join(stopped)}" if stopped else "faas-ci was not running")

@@ -9,6 +9,7 @@ API); at start every function of stack.yml is deployed. Instances are made only 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import requests
 
 from .. import shell
@@ -132,7 +134,9 @@ class FunctionProcess(FunctionInstance):
             "PYTHONUNBUFFERED": "1",
             **self.spec.environment,
             # The local stack's own addresses in place of the cluster's.
-            "GATEWAY_URL": cfg.gateway_url,
+            # As in a cluster, where functions reach the gateway by its service address;
+            # a test routes them through a proxy it can cut (FAASCI_FUNCTIONS_GATEWAY_URL).
+            "GATEWAY_URL": os.environ.get("FAASCI_FUNCTIONS_GATEWAY_URL") or cfg.gateway_url,
             "PUBLIC_URL": cfg.gateway_url,
             "NATS_URL": cfg.nats_url,
             "S3_ENDPOINT": cfg.s3_url,
@@ -161,6 +165,9 @@ class FunctionProcess(FunctionInstance):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # It dies with the gateway, even a gateway killed with SIGKILL: never an
+                # orphan holding its port and serving work nobody records.
+                preexec_fn=shell.die_with_parent(),
             )
         self.started_at = time.monotonic()
         (self.cfg.run / f"fn-{self.spec.name}.pid").write_text(str(self.proc.pid))
@@ -174,6 +181,35 @@ class FunctionProcess(FunctionInstance):
                 self.proc.kill()
                 self.proc.wait()
         self.kill_orphans()
+
+
+def stale_functions(cfg: LocalConfig) -> list[psutil.Process]:
+    """Function processes of this stack that run (their working folder is one of its build
+    contexts) though no gateway of this process started them: left by an earlier gateway."""
+    root = os.path.realpath(cfg.run / "functions") + os.sep
+    found = []
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd")
+        if cwd and (cwd + os.sep).startswith(root) and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def kill_stale(cfg: LocalConfig) -> int:
+    """Kill what an earlier gateway of this stack left running: its function processes
+    first (so none records its commands' death as their failure; the lost attempts are
+    retried by their leases), then the commands they ran (their pgid files). The number of
+    function processes killed."""
+    found = [] if cfg.containers else stale_functions(cfg)
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(found, timeout=5)
+    for pgid_file in cfg.workdir.glob("*/*/pgid"):
+        with contextlib.suppress(ValueError, OSError):
+            shell.kill_group(int(pgid_file.read_text()))
+        pgid_file.unlink(missing_ok=True)
+    return len(found)
 
 
 def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> FunctionInstance:
@@ -314,7 +350,10 @@ class Provider:
             return wanted
 
     def start(self) -> None:
-        """Deploy every function of stack.yml, then watch them."""
+        """Replace what an earlier gateway left, deploy every function of stack.yml, then
+        watch them."""
+        if killed := kill_stale(self.cfg):
+            log.warning("killed %d function processes an earlier gateway left", killed)
         for spec in self.stack.functions.values():
             try:
                 self.deploy(spec, update=False)
