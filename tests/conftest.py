@@ -147,6 +147,10 @@ def sample_repo(tmp_path) -> Path:
 # FAASCI_TEST_PORT_OFFSET moves every port (and the test stack's folder) a test session
 # uses, so two sessions can run side by side on one machine.
 PORT_OFFSET = int(os.environ.get("FAASCI_TEST_PORT_OFFSET", "0"))
+# `faasci up` records the stack it started in the user's configuration: the tests' own.
+os.environ.setdefault(
+    "FAASCI_CONFIG", str(ROOT / ".faasci" / f"test{PORT_OFFSET or ''}-user-config.json")
+)
 
 
 def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:

@@ -1,25 +1,32 @@
 """The `faasci` command: the local stack, runs, logs and single invocations.
 
-Everything but `up` and `down` talks HTTP to the gateway (OPENFAAS_URL, else stack.yml's
-provider.gateway), so the same commands work against a cluster.
+Everything but `up` and `down` talks HTTP to the gateway, so the same commands work against
+a cluster, from any directory: OPENFAAS_URL, else the user configuration `faasci up` writes
+(faasci.userconfig: the local stack it started), else stack.yml here or above, else the local
+stack's default address.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
-from . import git, pipeline
+from . import git, pipeline, userconfig
 from .errors import UserError
 from .invoke import Gateway
 from .local import control
@@ -43,21 +50,31 @@ class CommandError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    added = []  # from the user config: up and down prefer the stack here, others the config's
+    if args.command not in (cmd_up, cmd_down) or not stack_file_here():
+        added = userconfig.apply()
     try:
         return args.command(args) or 0
     except CommandError as e:
         err.print(f"[red]error:[/] {e}")
         return 2
+    except KeyboardInterrupt:  # before a run was started, or in any other command
+        err.print("interrupted")
+        return 130
     except requests.ConnectionError:
         err.print(
             f"[red]error:[/] the gateway at {gateway_url()} is not reachable "
             "(is the stack up? `faasci up`)"
         )
         return 2
+    finally:
+        for key in added:  # main() may be called in-process (tests)
+            os.environ.pop(key, None)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="faasci", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"faasci {version()}")
     sub = p.add_subparsers(required=True, metavar="command")
 
     def command(name, fn, help):
@@ -72,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
         help="build every function's image and run each as a container (podman)",
     )
     command("down", cmd_down, "stop the local stack, keeping its data")
+    c = command(
+        "status", cmd_status, "each part of the local stack: up or down (exit 1 if any is down)"
+    )
+    c.add_argument("--json", action="store_true", help="print the status as JSON")
     c = command("run", cmd_run, "run the pipeline of a local path or git URL, wait for the result")
     c.add_argument(
         "repo",
@@ -86,7 +107,9 @@ def parser() -> argparse.ArgumentParser:
         help="print the pipeline it would run (as a .faasci.yml) and why; start nothing",
     )
     c.add_argument("--ref", help="branch, tag or commit (default: the working tree, or HEAD)")
-    c.add_argument("--follow", action="store_true", help="show live progress per stage")
+    c.add_argument(
+        "--follow", action="store_true", help="show every stage's progress in a table as it runs"
+    )
     c.add_argument("--json", action="store_true", help="print the final run record as JSON")
     c.add_argument("--detach", action="store_true", help="start the run and return at once")
     c.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
@@ -96,6 +119,10 @@ def parser() -> argparse.ArgumentParser:
     c = command("show", cmd_show, "show one run")
     c.add_argument("run")
     c.add_argument("--json", action="store_true")
+    c.add_argument(
+        "--follow", action="store_true", help="follow the run until it ends (like `faasci run`)"
+    )
+    c.add_argument("--timeout", type=float, default=3600, help="seconds to follow (default 3600)")
     c = command("cancel", cmd_cancel, "cancel a run: its running stage is killed")
     c.add_argument("run")
     c = command("logs", cmd_logs, "print the logs of a run's stages")
@@ -129,10 +156,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package's version, else the checkout's pyproject.toml's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("faasci")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, ValueError):
+            return "unknown"
+
+
+def stack_file_here() -> bool:
+    """FAASCI_STACK is set, or there is a stack.yml here or above."""
+    from .local.config import find_stack_file
+
+    try:
+        find_stack_file()
+    except SystemExit:
+        return False
+    return True
+
+
+def local_config() -> LocalConfig | None:
+    """The local stack the CLI talks to (see the module's doc), or None when none is known."""
+    if not stack_file_here():
+        return None
+    return LocalConfig.from_env()
+
+
 def gateway_url() -> str:
     if os.environ.get("OPENFAAS_URL"):
         return os.environ["OPENFAAS_URL"].rstrip("/")
-    return LocalConfig.from_env().gateway_url
+    cfg = local_config()
+    return cfg.gateway_url if cfg else userconfig.DEFAULT_GATEWAY
 
 
 def gateway() -> Gateway:
@@ -147,8 +209,15 @@ def token() -> str:
         return given.strip()
     from .local import oidc
 
+    cfg = local_config()
+    if cfg is None:
+        raise CommandError(
+            "no token for the gateway: no local stack known here (no stack.yml here or above, "
+            f"none recorded in {userconfig.path()}); set FAASCI_TOKEN to an access token of "
+            "your OIDC issuer, or start the local stack (`faasci up` in the faas-ci checkout)"
+        )
     try:
-        return oidc.token(LocalConfig.from_env())
+        return oidc.token(cfg)
     except (KeyError, OSError, RuntimeError, requests.RequestException) as e:
         raise CommandError(
             f"no token for the gateway ({e}); set FAASCI_TOKEN to an access token of your "
@@ -177,14 +246,50 @@ def say(message: str) -> None:
     err.print(message, soft_wrap=True, markup=False, highlight=False)
 
 
+def stack_config() -> LocalConfig:
+    cfg = local_config()
+    if cfg is None:
+        raise CommandError(
+            "no stack.yml here or above and no local stack recorded in "
+            f"{userconfig.path()}: run this in the faas-ci checkout, or set FAASCI_STACK"
+        )
+    return cfg
+
+
 def cmd_up(args) -> int:
-    control.up(LocalConfig.from_env(), say=say, containers=args.containers)
+    cfg = stack_config()
+    control.up(cfg, say=say, containers=args.containers)
+    try:  # so that `faasci` finds this stack from any directory
+        userconfig.remember_stack(cfg)
+    except OSError as e:
+        say(f"(could not record the stack in {userconfig.path()}: {e})")
     return 0
 
 
 def cmd_down(args) -> int:
-    control.down(LocalConfig.from_env(), say=say)
+    control.down(stack_config(), say=say)
     return 0
+
+
+def cmd_status(args) -> int:
+    found = control.status(stack_config())
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 1 if found["down"] else 0
+    for name, part in found["parts"].items():
+        if not part.get("used", True):
+            state = "not used (the gateway's own scheduler)"
+        else:
+            state = "up" if part["healthy"] else "running, not answering" if part["pid"] else "down"
+        print(f"{name:15} {state}" + (f" (pid {part['pid']})" if part["pid"] else ""))
+    fns = found["functions"]
+    print(
+        f"{'functions':15} {fns['ready']}/{fns['total']} ready"
+        + (f"; not ready: {', '.join(fns['not_ready'])}" if fns["not_ready"] else "")
+    )
+    if found["down"]:
+        print(f"down: {', '.join(found['down'])} (`faasci up` starts what is missing)")
+    return 1 if found["down"] else 0
 
 
 def cmd_run(args) -> int:
@@ -196,21 +301,124 @@ def cmd_run(args) -> int:
     run = answer(gateway().call("runs", body, timeout=300))
     err.print(
         f"run [bold]{run['id']}[/]: {run['service']} at {run['commit'][:12]}"
-        + (" (snapshot of the working tree)" if run.get("snapshot") else "")
+        + (" (snapshot of the working tree)" if run.get("snapshot") else ""),
+        soft_wrap=True,
+        highlight=False,
     )
     if args.detach:
         print(json.dumps(run, indent=2) if args.json else run["id"])
         return 0
-    run = follow(run["id"], args.timeout, live=args.follow)
-    if args.json:
+    return watch(run["id"], args.timeout, table=args.follow, as_json=args.json)
+
+
+def watch(run_id: str, timeout: float, table: bool, as_json: bool) -> int:
+    """Follow a run to its end and print how it ended (why, when it failed); Ctrl-C offers
+    to cancel it, or leaves it running."""
+    try:
+        run = follow(run_id, timeout, table=table)
+    except KeyboardInterrupt:
+        return interrupted(run_id)
+    if as_json:
         print(json.dumps(run, indent=2))
-    elif not args.follow:  # following drew the table already
+    elif not table:  # following drew the table already
         err.print(stages_table(run))
+    ending(run)
+    return 0 if run["status"] == "passed" else 1
+
+
+def ending(run: dict) -> None:
+    """The run's outcome; for a failed run, each failed stage's reason, its error tail and the
+    command that shows its whole log."""
+    if run["status"] == "failed":
+        gw = gateway()
+        for stage in run["stages"]:
+            if stage["status"] == "failed" and stage["attempts"]:
+                for line in failure_report(run, stage, gw):
+                    say(line)
     err.print(
         f"run {run['id']} [{STYLE.get(run['status'], '')}]{run['status']}[/]"
-        + (f" in {run['duration_s']:.1f}s" if run.get("duration_s") else "")
+        + (f" in {run['duration_s']:.1f}s" if run.get("duration_s") else ""),
+        soft_wrap=True,
+        highlight=False,
     )
-    return 0 if run["status"] == "passed" else 1
+
+
+TAIL_LINES = 15
+
+
+def failure_report(run: dict, stage: dict, gw: Gateway) -> list[str]:
+    last = stage["attempts"][-1]
+    spec = (run.get("pipeline") or {}).get("stages", {}).get(stage["name"]) or {}
+    why = describe_failure(last, spec)
+    tries = len(stage["attempts"])
+    lines = [
+        f"stage {stage['name']} failed: {why}" + (f" (after {tries} attempts)" if tries > 1 else "")
+    ]
+    if last.get("error") and last["error"] not in why:
+        lines.append(f"  error: {last['error']}")
+    tail = last.get("log_tail") or log_tail(gw, run["id"], stage["name"], last["number"])
+    if tail:
+        shown = tail.rstrip("\n").splitlines()[-TAIL_LINES:]
+        lines.append(f"  last {len(shown)} lines of its log (attempt {last['number']}):")
+        lines += [f"  | {line}" for line in shown]
+    lines.append(f"  see more: faasci logs {run['id']} {stage['name']}")
+    return lines
+
+
+def describe_failure(attempt: dict, spec: dict) -> str:
+    reason = attempt.get("reason")
+    if reason == "timeout":
+        limit = spec.get("timeout")
+        return "timed out" + (f" after {limit}s (its timeout)" if limit else "")
+    if reason == "exit":
+        return f"exited with code {attempt.get('exit_code')}"
+    if reason == "infra":
+        return "an infrastructure failure" + (
+            f": {attempt['error']}" if attempt.get("error") else ""
+        )
+    return attempt.get("error") or reason or "failed"
+
+
+def log_tail(gw: Gateway, run_id: str, stage: str, number: int, limit: int = 64 * 1024) -> str:
+    """The end of an attempt's log, read as a stream (a log can be large); "" if unavailable."""
+    try:
+        resp = gw.session.get(
+            f"{gw.url}/function/pipeline-log/{run_id}/{stage}/{number}", stream=True, timeout=30
+        )
+        if not resp.ok:
+            return ""
+        kept, size = collections.deque(), 0
+        for chunk in resp.iter_content(64 * 1024):
+            kept.append(chunk)
+            size += len(chunk)
+            while size - len(kept[0]) >= limit:
+                size -= len(kept.popleft())
+        return b"".join(kept)[-limit:].decode(errors="replace")
+    except requests.RequestException:
+        return ""
+
+
+def interrupted(run_id: str) -> int:
+    """Ctrl-C while following a run: ask whether to cancel it (on a terminal), else leave it
+    running, and say how to follow or cancel it later."""
+    cancel = False
+    if sys.stdin.isatty():
+        try:
+            err.print()
+            cancel = input("cancel the run? [y/N] ").strip().lower() in ("y", "yes")
+        except (KeyboardInterrupt, EOFError):
+            err.print()
+    if cancel:
+        try:
+            done = answer(gateway().call("runs", path=f"{run_id}/cancel"))
+            say(f"run {run_id} {done['status']}; its logs: faasci logs {run_id}")
+            return 130
+        except (CommandError, requests.RequestException) as e:
+            say(f"could not cancel run {run_id}: {e}")
+    say(f"detached; run {run_id} goes on.")
+    say(f"  follow it: faasci show {run_id} --follow")
+    say(f"  cancel it: faasci cancel {run_id}")
+    return 130
 
 
 def explain(repo: str, ref: str | None) -> str:
@@ -234,33 +442,170 @@ def explain(repo: str, ref: str | None) -> str:
     return f"# The pipeline of {where}; why:\n{reasons}{spec.to_yaml()}"
 
 
-def follow(run_id: str, timeout: float, live: bool) -> dict:
+def follow(run_id: str, timeout: float, table: bool) -> dict:
+    """Poll a run until it ends, showing which stage runs and for how long: a live line (and
+    with `table`, every stage's table) on a terminal, else a plain line per change."""
     gw, deadline = gateway(), time.monotonic() + timeout
-    with Live(console=err, transient=False, auto_refresh=False, redirect_stderr=False) as view:
+    progress = Progress(table=table)
+    with Live(
+        progress,
+        console=err,
+        transient=not table,
+        auto_refresh=err.is_terminal,
+        refresh_per_second=4,
+        redirect_stderr=False,
+        redirect_stdout=False,
+    ) as view:
         while True:
             run = answer(gw.call("runs", method="GET", path=run_id))
-            if live:
-                view.update(stages_table(run), refresh=True)
+            progress.update(run)
             if run["status"] in ("passed", "failed", "cancelled"):
+                progress.done = True
+                view.refresh()
                 return run
+            if not err.is_terminal:
+                view.refresh()
             if time.monotonic() > deadline:
-                raise CommandError(f"run {run_id} still {run['status']} after {timeout:.0f}s")
+                raise CommandError(
+                    f"run {run_id} still {run['status']} after {timeout:.0f}s; "
+                    f"follow it: faasci show {run_id} --follow"
+                )
             time.sleep(0.5)
 
 
+def _elapsed(since: str | None) -> float | None:
+    if not since:
+        return None
+    started = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    return max((datetime.now(UTC) - started).total_seconds(), 0.0)
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    minutes, seconds = divmod(int(s), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class Progress:
+    """What a followed run is doing. On a terminal, rendered live (a spinner with the current
+    stage, its elapsed time and the run's); elsewhere, a plain line to stderr at each change
+    of a stage, and every 30 s while one runs."""
+
+    QUIET_S = 30
+
+    def __init__(self, table: bool):
+        self.table, self.run, self.done = table, None, False
+        self.seen: dict[str, tuple] = {}
+        self.last_line = time.monotonic()
+        self.spinner = Spinner("dots")
+
+    def update(self, run: dict) -> None:
+        self.run = run
+        if not err.is_terminal:
+            self.plain_lines(run)
+
+    def current(self, run: dict) -> dict | None:
+        for stage in run["stages"]:
+            if stage["status"] in ("running", "queued"):
+                return stage
+        return None
+
+    def line(self) -> str:
+        run = self.run
+        overall = f"overall {_seconds(_elapsed(run.get('created_at')))}"
+        stage = self.current(run)
+        if stage is None:
+            return f"run {run['status']} · {overall}"
+        names = [s["name"] for s in run["stages"]]
+        place = f"stage {names.index(stage['name']) + 1}/{len(names)}"
+        attempts = stage["attempts"]
+        if stage["status"] == "running" and attempts:
+            last = attempts[-1]
+            retry = f" (attempt {last['number']})" if last["number"] > 1 else ""
+            return (
+                f"{stage['name']} running {_seconds(_elapsed(last.get('started_at')))}{retry}"
+                f" · {place} · {overall}"
+            )
+        if stage.get("retry_at"):
+            left = max((datetime.fromisoformat(stage["retry_at"].replace("Z", "+00:00"))
+                        - datetime.now(UTC)).total_seconds(), 0.0)  # fmt: skip
+            why = describe_failure(attempts[-1], {}) if attempts else "failed"
+            return (
+                f"{stage['name']} {why}; attempt {len(attempts) + 1} in {_seconds(left)}"
+                f" · {place} · {overall}"
+            )
+        return f"{stage['name']} queued · {place} · {overall}"
+
+    def plain_lines(self, run: dict) -> None:
+        """One line per stage change (and a reminder while a stage runs on), for logs and CI."""
+        changed = False
+        for stage in run["stages"]:
+            last = stage["attempts"][-1] if stage["attempts"] else {}
+            state = (stage["status"], last.get("number"), last.get("status"))
+            if self.seen.get(stage["name"]) == state:
+                continue
+            self.seen[stage["name"]] = state
+            if stage["status"] in ("pending",) or (stage["status"] == "queued" and not last):
+                continue
+            changed = True
+            if stage["status"] in ("passed", "failed", "cancelled", "skipped"):
+                took = stage.get("duration_s") or last.get("duration_s")
+                said = f"{stage['name']} {stage['status']}" + (
+                    f" in {_seconds(took)}" if took else ""
+                )
+                if stage["status"] == "failed" and last:
+                    said += f": {describe_failure(last, {})}"
+                self.say(said)
+            elif stage["status"] == "running" or stage["status"] == "queued":
+                self.say(self.line())
+        quiet = time.monotonic() - self.last_line >= self.QUIET_S
+        if not changed and quiet and self.current(run):
+            self.say(self.line())
+
+    def say(self, line: str) -> None:
+        overall = _seconds(_elapsed(self.run.get("created_at")))
+        say(f"[{overall:>7}] {line}")
+        self.last_line = time.monotonic()
+
+    def __rich__(self):
+        if self.run is None:
+            return Text("")
+        parts = []
+        if self.table:
+            parts.append(stages_table(self.run))
+        if not self.done and err.is_terminal:
+            self.spinner.update(text=Text(self.line()))
+            parts.append(self.spinner)
+        return Group(*parts)
+
+
 def stages_table(run: dict) -> Table:
-    table = Table(title=f"{run['service']} {run['ref']} {run['commit'][:12]}", title_justify="left")
-    for column in ("stage", "status", "attempts", "exit", "duration"):
-        table.add_column(column)
+    table = Table(
+        title=f"{run['service']} {run['ref']} {run['commit'][:12]}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("stage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("tries", justify="right")
+    table.add_column("exit", justify="right")
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("reason", overflow="fold")
     for stage in run["stages"]:
         last = stage["attempts"][-1] if stage["attempts"] else {}
         duration = stage.get("duration_s") or last.get("duration_s")
+        if stage["status"] == "running":
+            duration = _elapsed(last.get("started_at"))
         table.add_row(
             stage["name"],
             f"[{STYLE.get(stage['status'], '')}]{stage['status']}[/]",
             str(len(stage["attempts"])),
             "" if last.get("exit_code") is None else str(last["exit_code"]),
-            f"{duration:.1f}s" if duration else "",
+            _seconds(duration) if duration else "",
+            describe_failure(last, {}) if stage["status"] == "failed" and last else "",
         )
     return table
 
@@ -270,28 +615,57 @@ def cmd_runs(args) -> int:
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0
-    table = Table("run", "service", "ref", "commit", "trigger", "status", "duration")
-    for run in runs:
-        table.add_row(
-            run["id"],
-            run["service"],
-            run["ref"],
-            run["commit"][:12],
-            run["trigger"],
-            f"[{STYLE.get(run['status'], '')}]{run['status']}[/]",
-            f"{run['duration_s']:.1f}s" if run.get("duration_s") else "",
-        )
-    Console().print(table)
+    console = Console()
+    console.print(runs_table(runs, console.width))
     return 0
 
 
+def runs_table(runs: list[dict], width: int) -> Table:
+    """Recent runs, fitting `width` columns: run ids are never cut; on a narrow terminal the
+    trigger and commit columns go first, and what is left folds."""
+    id_width = max([len(r["id"]) for r in runs] + [3])
+    columns = ["run", "service", "ref", "commit", "trigger", "status", "duration"]
+    if width < 100:
+        columns.remove("trigger")
+    if width < 90:
+        columns.remove("commit")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in columns:
+        if name == "run":
+            table.add_column(name, no_wrap=True, min_width=id_width)
+        elif name in ("status", "duration", "commit"):
+            table.add_column(name, no_wrap=True, justify="right" if name == "duration" else "left")
+        else:
+            table.add_column(name, overflow="fold")
+    for run in runs:
+        values = {
+            "run": run["id"],
+            "service": run["service"],
+            "ref": run["ref"],
+            "commit": run["commit"][:12],
+            "trigger": run["trigger"],
+            "status": f"[{STYLE.get(run['status'], '')}]{run['status']}[/]",
+            "duration": _seconds(run["duration_s"]) if run.get("duration_s") else "",
+        }
+        table.add_row(*(values[c] for c in columns))
+    return table
+
+
 def cmd_show(args) -> int:
+    if args.follow:
+        return watch(args.run, args.timeout, table=True, as_json=args.json)
     run = answer(gateway().call("runs", method="GET", path=args.run))
     if args.json:
         print(json.dumps(run, indent=2))
-    else:
-        Console().print(stages_table(run))
-        print(f"status: {run['status']}  trigger: {run['trigger']}  repo: {run['repo']}")
+        return 0
+    print(f"run {run['id']}  status: {run['status']}  trigger: {run['trigger']}")
+    print(f"repo: {run['repo']}")
+    Console().print(stages_table(run))
+    if run["status"] == "failed":
+        gw = gateway()
+        for stage in run["stages"]:
+            if stage["status"] == "failed" and stage["attempts"]:
+                print("\n".join(failure_report(run, stage, gw)))
     return 0
 
 
@@ -400,7 +774,7 @@ def cmd_secrets(args) -> int:
     else:  # show-webhook: read with the local stack's own OpenBao root token
         from .local import openbao
 
-        values = openbao.read_platform(LocalConfig.from_env(), "webhook-secret")
+        values = openbao.read_platform(stack_config(), "webhook-secret")
         print(values[0])
         if len(values) > 1:
             err.print("(the previous value is still accepted during its overlap window)")
