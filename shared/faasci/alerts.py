@@ -88,10 +88,11 @@ def _log_tail(run: Run, stage: str) -> str | None:
     attempt = run.stage(stage).attempts[-1] if run.stage(stage).attempts else None
     if attempt is None or attempt.log_key is None:
         return None
-    try:
-        return (
-            services.objects().get_bytes(attempt.log_key)[-LOG_TAIL_BYTES:].decode(errors="replace")
-        )
+    try:  # only the tail is read: a log may be up to its cap (100 MB by default)
+        objects = services.objects()
+        size = (objects.head(attempt.log_key) or {}).get("size", 0)
+        tail = b"".join(objects.stream(attempt.log_key, start=max(0, size - LOG_TAIL_BYTES)))
+        return tail.decode(errors="replace")
     except Exception as e:  # the alert matters more than its excerpt
         log.warning("run %s: no log tail for the alert: %s", run.id, e)
         return None

@@ -215,7 +215,9 @@ def stage_router(stage: str) -> Router:
     {"run_id"}) by a runner."""
     assert stage in STAGES
     from . import trigger
-    from .stage import execute
+    from .stage import execute, sweep_workdirs
+
+    sweep_workdirs()  # what a process of this function left when it died
 
     def invoke(event, principal):
         body = json_body(event)

@@ -64,6 +64,7 @@ class Bus:
         self._connecting: asyncio.Task | None = None
         self._up: asyncio.Event | None = None  # made on the loop: set while connected
         self._down_since = 0.0  # when the connection was lost (or first tried)
+        self.up_since = time.monotonic()  # when NATS was last (re)connected (monotonic)
         self._last_error: BaseException | None = None
         self._reported = False  # "unreachable" logged once per outage, not per attempt
         self._closing = False
@@ -165,6 +166,7 @@ class Bus:
     async def _on_up(self) -> None:
         log.info("NATS at %s: connected", self.url)
         self._reported = False
+        self.up_since = time.monotonic()
         self._up.set()
 
     async def js(self) -> JetStreamContext:

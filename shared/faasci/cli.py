@@ -128,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     c = command("logs", cmd_logs, "print the logs of a run's stages")
     c.add_argument("run")
     c.add_argument("stage", nargs="?")
+    c.add_argument("-f", "--follow", action="store_true",
+                   help="follow the logs as the stages write them, until they end")  # fmt: skip
     c = command("cache", cmd_cache, "list or purge dependency-cache entries")
     c.add_argument("action", choices=["ls", "purge"])
     c.add_argument("--service", help="only this service's entries")
@@ -678,19 +680,46 @@ def cmd_cancel(args) -> int:
 def cmd_logs(args) -> int:
     gw = gateway()
     run = answer(gw.call("runs", method="GET", path=args.run))
-    stages = [s for s in run["stages"] if args.stage in (None, s["name"])]
-    if not stages:
+    names = [s["name"] for s in run["stages"] if args.stage in (None, s["name"])]
+    if not names:
         raise CommandError(f"run {args.run} has no stage {args.stage!r}")
-    for stage in stages:
-        for attempt in stage["attempts"]:
-            resp = gw.call(
-                "pipeline-log",
-                method="GET",
-                path=f"{run['id']}/{stage['name']}/{attempt['number']}",
-            )
-            print(f"==> {stage['name']} attempt {attempt['number']} ({attempt['status']}) <==")
-            print(resp.text if resp.ok else f"(log unavailable: HTTP {resp.status_code})")
+    for name in names:
+        number = 1
+        while True:
+            stage = next(s for s in run["stages"] if s["name"] == name)
+            if len(stage["attempts"]) < number:  # not (yet) run
+                ended = stage["status"] in ("passed", "failed", "skipped", "cancelled")
+                if not args.follow or ended or run["status"] in ("passed", "failed", "cancelled"):
+                    break
+                time.sleep(1)
+                run = answer(gw.call("runs", method="GET", path=args.run))
+                continue
+            attempt = stage["attempts"][number - 1]
+            print(f"==> {name} attempt {number} ({attempt['status']}) <==", flush=True)
+            print_log(gw, run["id"], name, number, args.follow)
+            if args.follow:  # its status now, and whether a retry follows
+                run = answer(gw.call("runs", method="GET", path=args.run))
+            number += 1
     return 0
+
+
+def print_log(gw: Gateway, run_id: str, stage: str, number: int, follow: bool) -> None:
+    """Copy an attempt's log to stdout as it arrives (following: until the attempt ends)."""
+    resp = gw.session.get(f"{gw.url}/function/pipeline-log/{run_id}/{stage}/{number}",
+                          params={"follow": "1"} if follow else None, stream=True,
+                          timeout=(10, None if follow else 300))  # fmt: skip
+    with resp:
+        if not resp.ok:
+            print(f"(log unavailable: HTTP {resp.status_code})", flush=True)
+            return
+        last = b"\n"
+        for block in resp.iter_content(64 * 1024):
+            if block:
+                sys.stdout.buffer.write(block)
+                sys.stdout.buffer.flush()
+                last = block[-1:]
+        if last != b"\n":
+            print(flush=True)
 
 
 def cmd_cache(args) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -95,6 +96,44 @@ class ObjectStore:
         self.ensure_bucket()
         for key in keys:
             self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def head(self, key: str) -> dict | None:
+        """An object's size and metadata ({"size", "metadata"}); None when there is none."""
+        self.ensure_bucket()
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return {"size": resp["ContentLength"], "metadata": resp.get("Metadata", {})}
+
+    def sizes(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of the objects under `prefix`, in key order."""
+        self.ensure_bucket()
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        return sorted((o["Key"], o["Size"]) for page in pages for o in page.get("Contents", []))
+
+    def stream(self, key: str, start: int = 0, chunk: int = 1 << 16) -> Iterator[bytes]:
+        """An object's bytes from `start` on, in blocks of at most `chunk` (never whole in
+        memory). NotFound when there is no such object (raised at the first block)."""
+        self.ensure_bucket()
+        extra = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+        except ClientError as e:
+            code = e.response["Error"]["Code"]
+            if code in ("NoSuchKey", "404"):
+                raise NotFound(f"no object {key!r}") from None
+            if code == "InvalidRange":  # start is at (or past) its end
+                return
+            raise
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()
 
     def get_bytes(self, key: str) -> bytes:
         self.ensure_bucket()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -29,10 +30,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from . import audit, cache, git, invalidation, runs, services, shell, stage_secrets, timers
+from . import audit, cache, git, invalidation, runs, services, shell, spool, stage_secrets, timers
 from .errors import NotFound
 from .invoke import InvocationError
-from .logs import log_key, log_link
+from .logs import LiveLog, log_key, log_link
 from .runs import Next, Run
 from .sandbox import ImageSandbox, Overlay, Sandbox, stage_path
 from .settings import settings
@@ -40,7 +41,6 @@ from .settings import settings
 log = logging.getLogger("faasci.stage")
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-LOG_TAIL_CHARS = 4000
 HEARTBEAT_S = 5  # how often a running attempt says it is alive
 LEASE_S = 30  # silence after which its worker counts as lost
 WATCH_S = 1  # how often the watcher looks for a cancel
@@ -71,34 +71,51 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     started = time.monotonic()
     watcher = Watcher(run_id, stage, number)
     watcher.start()
+    kept = None
     try:
         held = stage_secrets.load(run, stage)  # this stage's own secrets, and their masker
-        with log_file.open("wb") as out, stage_secrets.in_use(held):
+        # Streamed to S3 while the commands write it (masked, capped: faasci.logs.LiveLog).
+        live = LiveLog(log_file, log_key(run_id, stage, number), held.masker)
+        with log_file.open("wb") as out, stage_secrets.in_use(held), live:
             outcome, reason, error, cache_report = _run_commands(
                 run, stage, number, workdir, out, watcher, held
             )
-        held.masker.file(log_file)  # before anything reads or stores it
-        tail = _tail(log_file)
+        log_file, tail = live.finish(), live.tail  # the whole log, masked and capped
         key, link = log_key(run_id, stage, number), log_link(run_id, stage, number)
-        try:
-            services.objects().put_file(key, log_file)
-        except Exception as e:  # the log is the record of what happened: losing it is infra
-            log.error("run %s: storing the log of %s failed: %s", run_id, stage, e)
-            reason, error, key, link = "infra", f"storing the log failed: {e}", None, None
+        error = held.masker.text(error)
+        # The commands are done: their outcome and log stay on local disk until S3 and NATS
+        # take them (faasci.spool), while the watcher keeps the attempt's lease alive. A
+        # store that is down or slow only delays the record; it never fails the attempt.
+        kept = spool.Kept(workdir.name, log_file, {"run_id": run_id, "stage": stage,
+                          "attempt": number, "exit_code": outcome.exit_code,
+                          "reason": reason, "error": error})  # fmt: skip
+        remove_tree(workdir)
+        storing_until = time.monotonic() + spool.patience_s()
+        try:  # a log that would overfill the spool is tried once, not kept
+            spool.persist(f"run {run_id}: storing the log of {stage}",
+                          lambda: services.objects().put_file(key, kept.log,
+                                                              metadata=live.metadata()),
+                          time.monotonic() if kept.over_bound else storing_until)  # fmt: skip
+        except spool.GaveUp as e:  # the log is the record of what happened: losing it is infra
+            log.error("run %s: %s", run_id, e)
+            full = " (the local spool is full)" if kept.over_bound else ""
+            reason, error = "infra", f"storing the log failed{full}: {e.__cause__}"
+            key = link = None
+        kept.release()
+        if key:
+            live.discard()  # the final object is stored: the live parts go
+        status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
+        run, following = _record_end(
+            run_id, stage, number, storing_until,
+            lambda r: runs.finish(r, stage, number, status=status, exit_code=outcome.exit_code,
+                                  reason=reason, error=error, log=link, log_key=key,
+                                  cache=cache_report),
+        )  # fmt: skip
     finally:
         watcher.stop()
         remove_tree(workdir)
-
-    error = held.masker.text(error)
-    status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
-    guard_handoff(run_id, stage, number)  # before the record: see guard_handoff
-    run, following = store.update(
-        run_id,
-        lambda r: runs.finish(r, stage, number, status=status, exit_code=outcome.exit_code,
-                              reason=reason, error=error, log=link, log_key=key,
-                              cache=cache_report),
-        "stage.finished",
-    )  # fmt: skip
+        if kept is not None:
+            kept.release()
     hand_on(run_id, following)
     recorded = run.stage(stage).attempts[number - 1].status
     log.info("run %s: %s attempt %d %s", run_id, stage, number, recorded)
@@ -309,10 +326,18 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=unlock)
 
 
-def _tail(path: Path) -> str:
-    with path.open("rb") as f:
-        f.seek(max(path.stat().st_size - LOG_TAIL_CHARS, 0))
-        return f.read().decode(errors="replace")
+ATTEMPT_DIR_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}-[a-z]+-[0-9]+$")
+
+
+def sweep_workdirs() -> None:
+    """Remove attempt folders no process works in any more. A function's process runs
+    alone on its scratch disk (a pod's emptyDir, a local function's own folder), so at its
+    start every attempt folder there is one a dead process left; the spool is kept."""
+    root = settings().workdir
+    for path in root.iterdir() if root.is_dir() else ():
+        if path.is_dir() and ATTEMPT_DIR_RE.match(path.name):
+            log.info("removing %s, left by a process that died", path)
+            remove_tree(path)
 
 
 # Handing on: every path out of an attempt goes through here.
@@ -358,12 +383,33 @@ def guard_handoff(run_id: str, stage: str | None, number: int) -> None:
     the record alone (on_handoff_timer). Best effort: a failure to arm it is logged, and
     the immediate invocation still goes on."""
     try:
-        timer_id = f"{run_id}.{stage or 'start'}.{number}.handoff"
-        timers.schedule(services.bus(), "handoff",
-                        {"run_id": run_id, "stage": stage, "attempt": number},
-                        HANDOFF_GRACE_S, timer_id)  # fmt: skip
+        _arm_handoff(run_id, stage, number)
     except Exception as e:
         log.error("run %s: arming the hand-off guard of %s failed: %s", run_id, stage, e)
+
+
+def _arm_handoff(run_id: str, stage: str | None, number: int) -> None:
+    timer_id = f"{run_id}.{stage or 'start'}.{number}.handoff"
+    timers.schedule(services.bus(), "handoff",
+                    {"run_id": run_id, "stage": stage, "attempt": number},
+                    HANDOFF_GRACE_S, timer_id)  # fmt: skip
+
+
+def _record_end(run_id: str, stage: str, number: int, until: float, change) -> tuple[Run, Next]:
+    """Arm the attempt's hand-off guard, then record its end (`change`), as one step tried
+    again with back-off until NATS takes both, for as long as an outage lasts up to `until`
+    (monotonic). Both are safe to repeat: the guard's timer id de-duplicates, `finish`
+    applied twice does nothing more. Meanwhile the worker's watcher keeps the attempt's
+    heartbeat, so its lease holds (see on_lease_timer for an outage both sides see).
+    Past `until` this raises spool.GaveUp: the worker stops its heartbeat and the lease
+    timer records the attempt lost once NATS is back, as for a worker that died."""
+
+    def once() -> tuple[Run, Next]:
+        _arm_handoff(run_id, stage, number)
+        return services.run_store().update(run_id, change, "stage.finished")
+
+    return spool.persist(f"run {run_id}: recording the end of {stage} attempt {number}",
+                         once, until)  # fmt: skip
 
 
 def dispatch(run_id: str, stage: str, attempt: int, patient: bool = True) -> None:
@@ -452,12 +498,30 @@ def on_lease_timer(timer: dict) -> float | None:
     if attempt.status != "running":
         return None
     silent = runs.now() - (attempt.heartbeat_at or attempt.started_at)
-    if silent < timedelta(seconds=LEASE_S):
-        return LEASE_S - silent.total_seconds() + 1
+    # While NATS is away no worker can write a heartbeat (nor this timer run), so silence
+    # then says nothing about the worker: it counts only from when NATS was last reachable
+    # here. A worker still alive (running commands, or holding its result until the stores
+    # take it: faasci.spool) writes a heartbeat within HEARTBEAT_S of NATS coming back, well
+    # within LEASE_S; a dead one is declared lost LEASE_S after.
+    reachable = timedelta(seconds=time.monotonic() - services.bus().up_since)
+    if min(silent, reachable) < timedelta(seconds=LEASE_S):
+        return LEASE_S - min(silent, reachable).total_seconds() + 1
     log.warning("run %s: %s attempt %d lost (%s)", run_id, stage, number, attempt.worker)
     guard_handoff(run_id, stage, number)  # as a worker does before recording the end
-    _, following = services.run_store().update(
-        run_id, lambda r: runs.lose(r, stage, number, silent.total_seconds()), "stage.lost"
-    )
+
+    def lose(r: Run) -> Next:  # compare-and-set: a heartbeat or the worker's record landing
+        now = r.stage(stage).attempts[number - 1]  # first wins, and nothing is lost then
+        if now.status == "running" and now.heartbeat_at != attempt.heartbeat_at:
+            raise _SpokeMeanwhile
+        return runs.lose(r, stage, number, silent.total_seconds())
+
+    try:
+        _, following = services.run_store().update(run_id, lose, "stage.lost")
+    except _SpokeMeanwhile:
+        return LEASE_S
     hand_on(run_id, following, patient=False)
     return None
+
+
+class _SpokeMeanwhile(Exception):
+    """The attempt's worker wrote a heartbeat after the lease timer read it silent."""

@@ -123,10 +123,11 @@ def create_app(provider: Provider, bus: Bus, callback_allow: list[str] | None = 
                 request.query_string.decode(),
                 headers,
                 request.get_data(),
+                stream=True,  # passed on as it comes: a 300 MB log never whole in memory
             )
         except ConnectionError as e:
             return error(502, str(e), "function")
-        resp = Response(body, status=status)
+        resp = Response(body, status=status, direct_passthrough=True)
         for k, v in out_headers.items():
             resp.headers[k] = v
         resp.headers["X-Call-Id"] = headers["X-Call-Id"]

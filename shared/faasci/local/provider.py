@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -183,6 +184,17 @@ class FunctionProcess(FunctionInstance):
         self.kill_orphans()
 
 
+def _blocks(r: requests.Response, size: int = 1 << 16) -> Iterator[bytes]:
+    """A streamed response's body as it arrives, the connection released at the end (or
+    when the consumer closes the iterator: a client that left)."""
+    try:
+        yield from r.raw.stream(size, decode_content=False)
+    except Exception as e:  # the function died mid-answer: the client sees a short body
+        log.warning("a streamed response from %s broke off: %s", r.url, e)
+    finally:
+        r.close()
+
+
 def stale_functions(cfg: LocalConfig) -> list[psutil.Process]:
     """Function processes of this stack that run (their working folder is one of its build
     contexts) though no gateway of this process started them: left by an earlier gateway."""
@@ -268,9 +280,13 @@ class Provider:
         return {n: s for n, d in list(self.functions.items()) if (s := d.instance.spec.schedule)}
 
     def invoke(
-        self, name: str, path: str, method: str, query: str, headers: dict, body: bytes
-    ) -> tuple[int, dict, bytes]:
-        """Call a function's process; ConnectionError when it is down or not deployed."""
+        self, name: str, path: str, method: str, query: str, headers: dict, body: bytes,
+        stream: bool = False,
+    ) -> tuple[int, dict, bytes | Iterator[bytes]]:  # fmt: skip
+        """Call a function's process; ConnectionError when it is down or not deployed.
+        `stream`: the response body as an iterator of blocks, read from the function as
+        it is consumed (a large log passes through in constant memory); closing the
+        iterator closes the connection."""
         deployment = self.functions.get(name)
         if deployment is None or deployment.replicas == 0:
             raise ConnectionError(f"function {name} is not deployed or scaled to zero")
@@ -283,11 +299,12 @@ class Provider:
                 data=body,
                 headers=headers,
                 timeout=(5, 6 * 3600),
+                stream=stream,
             )
         except requests.ConnectionError as e:
             raise ConnectionError(f"function {name} is not reachable") from e
         kept = {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}
-        return r.status_code, kept, r.content
+        return r.status_code, kept, (_blocks(r) if stream else r.content)
 
     def deploy(self, spec: FunctionSpec, update: bool) -> bool:
         """Create (update=False) or update a function, as POST and PUT /system/functions do;
