@@ -51,10 +51,13 @@ def directory() -> Path:
 
 
 def used_bytes() -> int:
+    """The spool's size. Other attempts' entries come and go meanwhile: os.walk skips a
+    folder removed under it, where Path.glob raises."""
     total = 0
-    for path in directory().glob("*/*"):
-        with contextlib.suppress(OSError):
-            total += path.stat().st_size
+    for folder, _, names in os.walk(directory()):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, name)).st_size
     return total
 
 

@@ -101,7 +101,6 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
             full = " (the local spool is full)" if kept.over_bound else ""
             reason, error = "infra", f"storing the log failed{full}: {e.__cause__}"
             key = link = None
-        kept.release()
         if key:
             live.discard()  # the final object is stored: the live parts go
         status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")

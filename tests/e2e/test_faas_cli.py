@@ -249,7 +249,7 @@ def test_remove_then_deploy_again(cli, api, stack, gateway):
     assert "Deployed" in cli("deploy", "-f", "stack.yml", "--filter", "pipeline-log").stdout
     assert wait_ready(api, ["pipeline-log"])["pipeline-log"]["pid"] != pid
     resp = gateway.call("pipeline-log", method="GET", path="20260101-000000-abcdef/unit/1")
-    assert resp.status_code == 404 and resp.json()["error"].startswith("no object")
+    assert resp.status_code == 404 and resp.json()["error"].startswith("no log of unit attempt 1")
 
 
 def test_a_changed_deployment_restarts_the_function_with_it(cli, api):

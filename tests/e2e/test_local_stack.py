@@ -136,7 +136,7 @@ def test_a_killed_function_is_restarted(gateway):
         time.sleep(0.2)
     assert now["restarts"] == before["restarts"] + 1
     resp = gateway.call("pipeline-log", method="GET", path="20260101-000000-abcdef/unit/1")
-    assert resp.status_code == 404 and resp.json()["error"].startswith("no object")
+    assert resp.status_code == 404 and resp.json()["error"].startswith("no log of unit attempt 1")
 
 
 def test_a_run_survives_a_restart_of_the_whole_stack(other_stack, make_repo, outside):

@@ -1,6 +1,8 @@
 """Results kept through a store outage: the spool's retries and bounds, and a lease that does
 not declare a worker lost for silence a NATS outage imposed (faasci.spool, stage.on_lease_timer)."""
 
+import shutil
+import threading
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -44,6 +46,34 @@ def test_persist_raises_a_user_error_at_once():
 
     with pytest.raises(NotFound):
         spool.persist("recording", gone, time.monotonic() + 60)
+
+
+def test_sizing_the_spool_survives_entries_removed_meanwhile(tmp_path, monkeypatch):
+    """Other attempts release their entries while one sizes the spool (100 runs at once)."""
+    monkeypatch.setattr(spool, "directory", lambda: tmp_path / "spool")
+    stop, errors = threading.Event(), []
+
+    def churn():
+        while not stop.is_set():
+            for n in range(20):
+                entry = tmp_path / "spool" / f"r-unit-{n}"
+                entry.mkdir(parents=True, exist_ok=True)
+                (entry / "stage.log").write_bytes(b"x")
+            for n in range(20):
+                shutil.rmtree(tmp_path / "spool" / f"r-unit-{n}", ignore_errors=True)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        for _ in range(2000):
+            try:
+                assert 0 <= spool.used_bytes() <= 20
+            except OSError as e:
+                errors.append(e)
+    finally:
+        stop.set()
+        churner.join()
+    assert errors == []
 
 
 def test_kept_moves_the_log_out_and_knows_its_bound(tmp_path, monkeypatch):
