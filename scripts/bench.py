@@ -41,6 +41,14 @@ What each figure means:
 - `cache`: the example service (examples/sample-service) with a cold, then a warm dependency
   cache: the first stage's dependency seconds (set-up + save cold, restore warm), the
   archive's size and both pipelines' wall times.
+- `logs`: a stage that writes LOG_WRITTEN_MB of output, with the bench stack's per-attempt
+  cap (FAASCI_LOG_MAX_BYTES) at LOG_CAP: the stored log's size (its head and tail, with the
+  note saying what was cut), then that log read through the gateway
+  (GET /function/pipeline-log/<run>/unit/1, streamed in 64 KiB blocks, discarded) and
+  printed by `faasci logs <run> unit > /dev/null`. Sampled every RSS_SAMPLE_S meanwhile: the
+  resident memory (MiB) of the serving processes, pipeline-log and the gateway, idle
+  before and at their peak while serving (target: < 100), and the CLI's peak (its
+  ru_maxrss). Also the unit function's peak while its stage streamed the log live to S3.
 - `polling`: the interval of the runs' polling and how long one GET took (its cost).
 - `machine`: where the figures were taken (with the load average at the start and the end:
   other work on the machine skews every figure).
@@ -60,12 +68,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -76,16 +87,22 @@ BENCH_STACK = {
     "OPENFAAS_URL": "http://127.0.0.1:38080",
     "FAASCI_NATS_PORT": "34222",
     "FAASCI_S3_PORT": "38333",
+    "FAASCI_LOG_MAX_BYTES": "200M",  # the cap the logs part sees its 300 MB log cut to
 }
-PARTS = ("corpus", "noop", "cache")
+PARTS = ("corpus", "noop", "cache", "logs")
 TARGETS = {"overhead_ratio_warm": 1.15, "overhead_ratio_cold": 1.10,
-           "noop_pipeline_s": 0.5, "restore_ms_p50": 50}  # fmt: skip
+           "noop_pipeline_s": 0.5, "restore_ms_p50": 50,
+           "log_serving_rss_mib": 100}  # fmt: skip
 POLL_S = 0.025  # how often a run's record is read while it runs
 RUN_TIMEOUT_S = 3600
 NOOP_RUNS = 5  # counted, after one discarded
 FINISHED = ("passed", "failed", "cancelled")
 GIT_USER = ["-c", "user.name=bench", "-c", "user.email=bench@localhost",
             "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]  # fmt: skip
+LOG_WRITTEN_MB = 300
+LOG_CAP = 200 * 2**20
+RSS_SAMPLE_S = 0.02
+LOG_SERVES = 3
 NOOP_PIPELINE = """\
 service: noop
 stages:
@@ -125,10 +142,13 @@ class Stack:
 
     def __init__(self):
         from faasci.invoke import Gateway
+        from faasci.local import oidc
         from faasci.local.config import LocalConfig
 
         self.cfg = LocalConfig.from_env()
-        self.gateway = Gateway(self.cfg.gateway_url, timeout=120)
+        # As the local user (the stack's OIDC provider issues the token, as for the CLI).
+        self.gateway = Gateway(self.cfg.gateway_url, timeout=120,
+                               token=lambda: oidc.token(self.cfg))  # fmt: skip
         self.polls_ms: list[float] = []  # how long each GET of a running run took
 
     def up(self, tries: int = 2) -> None:
@@ -173,6 +193,17 @@ class Stack:
             if time.monotonic() - started > RUN_TIMEOUT_S:
                 self.gateway.call("runs", path=f"{run_id}/cancel")
                 raise RuntimeError(f"run {run_id} not finished after {RUN_TIMEOUT_S}s: cancelled")
+
+    def pids(self, names: list[str]) -> dict[str, int]:
+        """The pids of functions (from the gateway's /system/functions) and of "gateway"."""
+        from faasci.local import control, processes
+
+        listed = requests.get(f"{self.gateway.url}/system/functions", timeout=30,
+                              auth=control.system_auth(self.cfg)).json()  # fmt: skip
+        pids = {f["name"]: f["pid"] for f in listed if f["name"] in names}
+        if "gateway" in names:
+            pids["gateway"] = processes.pid_of(self.cfg.run, "gateway")
+        return pids
 
     def forget_caches(self) -> None:
         """No dependency cache anywhere: every S3 entry purged, the node-local layer gone.
@@ -608,6 +639,110 @@ def bench_cache(stack: Stack) -> dict:
     }  # fmt: skip
 
 
+class PeakRss:
+    """Samples the resident memory of some processes (with their children, but for those
+    `alone`) in a thread:
+    `peak` in MiB per name, from `with` to its end."""
+
+    def __init__(self, pids: dict[str, int], alone: tuple[str, ...] = ("gateway",)):
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.alone = alone  # without their children (the gateway's are the functions)
+        self.peak = {name: 0.0 for name in pids}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def now(self) -> dict[str, float]:
+        return {name: round(rss_mib(proc, name not in self.alone), 1)
+                for name, proc in self.procs.items()}  # fmt: skip
+
+    def _sample(self) -> None:
+        while not self._done.wait(RSS_SAMPLE_S):
+            for name, mib in self.now().items():
+                self.peak[name] = max(self.peak[name], mib)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def rss_mib(proc, children: bool = True) -> float:
+    import psutil
+
+    try:
+        procs = [proc, *(proc.children(recursive=True) if children else ())]
+        return sum(p.memory_info().rss for p in procs) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def read_log(stack: Stack, where: str) -> tuple[int, bool]:
+    """GET an attempt's log through the gateway, streamed and discarded: (bytes, whether
+    the note of a cut is in it)."""
+    served, cut_said, last = 0, False, b""
+    url = f"{stack.gateway.url}/function/pipeline-log/{where}"
+    with stack.gateway.session.get(url, stream=True, timeout=(10, 600)) as resp:
+        resp.raise_for_status()
+        for block in resp.iter_content(64 * 1024):
+            cut_said = cut_said or b"FAASCI_LOG_MAX_BYTES" in last[-200:] + block
+            served, last = served + len(block), block
+    return served, cut_said
+
+
+def bench_logs(stack: Stack, scratch: Path) -> dict:
+    """A stage's 300 MB log: capped, then served and printed in constant memory."""
+    repo = scratch / "logs"
+    repo.mkdir()
+    line = "faas-ci log line: " + "0123456789abcdef" * 5  # 99 bytes with its newline
+    (repo / ".faasci.yml").write_text(
+        "service: logs\nstages:\n  unit:\n    run:\n"
+        f"      - {json.dumps(f'yes {line!r} | head -c {LOG_WRITTEN_MB * 2**20}')}\n"
+    )
+    git("init", "-q", cwd=repo)
+    commit_all(repo)
+    pids = stack.pids(["pipeline-log", "gateway", "unit"])
+    with PeakRss({"unit": pids.pop("unit")}) as writing:
+        wall, run = stack.run(str(repo))
+    if run["status"] != "passed":
+        raise RuntimeError(f"run {run['id']} {run['status']}: the benchmark needs a passing run")
+    where = f"{run['id']}/unit/1"
+    idle = PeakRss(pids).now()
+    peaks, serve_s = [], []
+    for _ in range(LOG_SERVES):  # the same log again: memory stays flat, it does not grow
+        with PeakRss(pids) as serving:
+            started = time.monotonic()
+            served, cut_said = read_log(stack, where)
+            serve_s.append(round(time.monotonic() - started, 2))
+        peaks.append(serving.peak)
+    cli = ROOT / ".venv" / "bin" / "faasci"
+    started = time.monotonic()
+    with open(os.devnull, "wb") as devnull:
+        subprocess.run([str(cli), "logs", run["id"], "unit"], stdout=devnull, check=True)
+    print_s = time.monotonic() - started
+    import resource
+
+    return {
+        "written_mb": LOG_WRITTEN_MB,
+        "cap_bytes": LOG_CAP,
+        "stored_bytes": served,
+        "cut_said": cut_said,
+        "run_wall_s": wall,
+        "serve_s": serve_s,
+        "serve_mb_per_s": round(served / 2**20 / median(serve_s), 1),
+        "print_s": round(print_s, 1),
+        "rss_mib_idle": idle,
+        "rss_mib_peak_serving": {name: max(p[name] for p in peaks) for name in pids},
+        "rss_mib_peak_per_serve": peaks,
+        "rss_mib_peak_cli": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "rss_mib_peak_unit_writing": writing.peak["unit"],
+    }
+
+
 def machine() -> dict:
     node = shutil.which("node")
     return {
@@ -647,6 +782,8 @@ def run_parts(stack: Stack, scratch: Path, parts: list[str], repeat: int,
         figures["noop"] = noop
     if "cache" in parts:
         figures["cache"] = attempt("cache", lambda: bench_cache(stack))
+    if "logs" in parts:
+        figures["logs"] = attempt("logs", lambda: bench_logs(stack, scratch))
     return figures
 
 

@@ -276,6 +276,13 @@ def client_settings(stack):
     services.reset()
 
 
+def start_run(gateway, repo: Path) -> str:
+    """POST /function/runs for the repository `repo`; the new run's id."""
+    resp = gateway.call("runs", {"repo": str(repo)})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
 def wait_for_run(gateway, run_id: str, timeout: float = 120) -> dict:
     """Poll the runs function until the run has finished; its final record."""
     import time

@@ -215,9 +215,10 @@ def stage_router(stage: str) -> Router:
     {"run_id"}) by a runner."""
     assert stage in STAGES
     from . import trigger
-    from .stage import execute, sweep_workdirs
+    from .stage import execute, recover_spooled, sweep_workdirs
 
     sweep_workdirs()  # what a process of this function left when it died
+    recover_spooled()
 
     def invoke(event, principal):
         body = json_body(event)

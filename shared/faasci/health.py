@@ -13,12 +13,11 @@ import logging
 import threading
 import time
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from . import services
 from .bus import NatsUnreachable
+from .objects import s3_client
 from .settings import settings
 
 log = logging.getLogger("faasci.health")
@@ -77,16 +76,8 @@ def _s3_client():
     """A client of its own: one try, 1 s timeouts (the store's client retries for minutes)."""
     global _s3
     if _s3 is None:
-        s = settings()
-        _s3 = boto3.session.Session().client(  # own session: boto3.client is not thread-safe
-            "s3",
-            endpoint_url=s.s3_endpoint or None,
-            region_name=s.s3_region,
-            aws_access_key_id=s.secret("s3-access-key"),
-            aws_secret_access_key=s.secret("s3-secret-key"),
-            config=Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S,
-                          retries={"total_max_attempts": 1}, s3={"addressing_style": "path"}),
-        )  # fmt: skip
+        _s3 = s3_client(settings(), connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S,
+                        retries={"total_max_attempts": 1})  # fmt: skip
     return _s3
 
 

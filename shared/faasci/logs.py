@@ -244,13 +244,18 @@ class LiveLog:
         return dict(self._meta)
 
     def discard(self) -> None:
-        """The final object is stored: delete the parts (best effort; a follower that
-        misses one goes on in the final object)."""
-        try:
-            for key in self.store.keys(part_prefix(self.key)):
-                self.store.delete(key)
-        except Exception as e:
-            log.warning("deleting the live parts of %s failed: %s", self.key, e)
+        discard_parts(self.key, self.store)
+
+
+def discard_parts(key: str, store=None) -> None:
+    """The final object `key` is stored: delete its live parts (best effort; a follower
+    that misses one goes on in the final object)."""
+    try:
+        store = store or objects()
+        for part in store.keys(part_prefix(key)):
+            store.delete(part)
+    except Exception as e:
+        log.warning("deleting the live parts of %s failed: %s", key, e)
 
 
 def _read_file(path: Path, skip: int = 0, chunk: int = 1 << 16) -> Iterator[bytes]:

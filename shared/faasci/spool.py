@@ -62,19 +62,38 @@ def used_bytes() -> int:
 
 
 class Kept:
-    """One attempt's spool entry: `log` (the file) and the outcome beside it."""
+    """One attempt's spool entry: `log` (the file) and `outcome` beside it (outcome.json)."""
 
-    def __init__(self, name: str, log_file: Path, outcome: dict):
-        self.dir = directory() / name
-        _sweep()
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, name: str, log_file: Path | None, outcome: dict):
+        self.dir, self.outcome = directory() / name, outcome
         self.log = self.dir / "stage.log"
-        shutil.move(log_file, self.log)  # a rename: the spool is beside the workdirs
-        (self.dir / "outcome.json").write_text(json.dumps(outcome, default=str))
+        if log_file is not None:  # a new entry (else one found: left_behind)
+            _sweep()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(log_file, self.log)  # a rename: the spool is beside the workdirs
+            scratch = self.dir / "outcome.json.tmp"  # whole or absent, for left_behind
+            scratch.write_text(json.dumps(outcome, default=str))
+            scratch.rename(self.dir / "outcome.json")
         self.over_bound = used_bytes() > max_bytes()  # this log included
 
     def release(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def left_behind() -> list[Kept]:
+    """The entries in the spool, when no process of this function is running (at its
+    start): results a dead process had not stored yet."""
+    found = []
+    for entry in sorted(directory().glob("*/outcome.json")):
+        try:
+            outcome = json.loads(entry.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("%s cannot be read (%s); left for the sweep", entry, e)
+            continue
+        kept = Kept(entry.parent.name, None, outcome)
+        if kept.log.is_file():
+            found.append(kept)
+    return found
 
 
 def _sweep() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from . import audit, cache, git, invalidation, runs, services, shell, spool, stage_secrets, timers
 from .errors import NotFound
 from .invoke import InvocationError
-from .logs import LiveLog, log_key, log_link
+from .logs import LiveLog, discard_parts, log_key, log_link
 from .runs import Next, Run
 from .sandbox import ImageSandbox, Overlay, Sandbox, stage_path
 from .settings import settings
@@ -81,35 +81,16 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
                 run, stage, number, workdir, out, watcher, held
             )
         log_file, tail = live.finish(), live.tail  # the whole log, masked and capped
-        key, link = log_key(run_id, stage, number), log_link(run_id, stage, number)
         error = held.masker.text(error)
         # The commands are done: their outcome and log stay on local disk until S3 and NATS
         # take them (faasci.spool), while the watcher keeps the attempt's lease alive. A
         # store that is down or slow only delays the record; it never fails the attempt.
-        kept = spool.Kept(workdir.name, log_file, {"run_id": run_id, "stage": stage,
-                          "attempt": number, "exit_code": outcome.exit_code,
-                          "reason": reason, "error": error})  # fmt: skip
+        kept = spool.Kept(workdir.name, log_file, {
+            "run_id": run_id, "stage": stage, "attempt": number, "exit_code": outcome.exit_code,
+            "cancelled": outcome.cancelled, "reason": reason, "error": error,
+            "cache": cache_report, "log_metadata": live.metadata()})  # fmt: skip
         remove_tree(workdir)
-        storing_until = time.monotonic() + spool.patience_s()
-        try:  # a log that would overfill the spool is tried once, not kept
-            spool.persist(f"run {run_id}: storing the log of {stage}",
-                          lambda: services.objects().put_file(key, kept.log,
-                                                              metadata=live.metadata()),
-                          time.monotonic() if kept.over_bound else storing_until)  # fmt: skip
-        except spool.GaveUp as e:  # the log is the record of what happened: losing it is infra
-            log.error("run %s: %s", run_id, e)
-            full = " (the local spool is full)" if kept.over_bound else ""
-            reason, error = "infra", f"storing the log failed{full}: {e.__cause__}"
-            key = link = None
-        if key:
-            live.discard()  # the final object is stored: the live parts go
-        status = "cancelled" if outcome.cancelled else ("passed" if reason is None else "failed")
-        run, following = _record_end(
-            run_id, stage, number, storing_until,
-            lambda r: runs.finish(r, stage, number, status=status, exit_code=outcome.exit_code,
-                                  reason=reason, error=error, log=link, log_key=key,
-                                  cache=cache_report),
-        )  # fmt: skip
+        run, following, reason, error, link = store_result(kept)
     finally:
         watcher.stop()
         remove_tree(workdir)
@@ -310,6 +291,57 @@ def _command_env(run: Run, stage: str, number: int, box: Sandbox) -> dict[str, s
         "FAASCI_REF": run.ref,
         "FAASCI_WORKSPACE": str(box.workspace / "src"),
     }
+
+
+def store_result(kept: spool.Kept) -> tuple[Run, Next, str | None, str | None, str | None]:
+    """Store a finished attempt's log, then record its end, each tried until the stores
+    take it (within FAASCI_STORE_PATIENCE_S). (run, what follows, reason, error, log link):
+    a log that could not be stored makes the attempt failed as `infra`."""
+    done = kept.outcome
+    run_id, stage, number = done["run_id"], done["stage"], done["attempt"]
+    key, link = log_key(run_id, stage, number), log_link(run_id, stage, number)
+    reason, error = done["reason"], done["error"]
+    until = time.monotonic() + spool.patience_s()
+    try:  # a log that would overfill the spool is tried once, not kept
+        spool.persist(f"run {run_id}: storing the log of {stage}",
+                      lambda: services.objects().put_file(key, kept.log,
+                                                          metadata=done["log_metadata"]),
+                      time.monotonic() if kept.over_bound else until)  # fmt: skip
+    except spool.GaveUp as e:  # the log is the record of what happened: losing it is infra
+        log.error("run %s: %s", run_id, e)
+        full = " (the local spool is full)" if kept.over_bound else ""
+        reason, error = "infra", f"storing the log failed{full}: {e.__cause__}"
+        key = link = None
+    if key:
+        discard_parts(key)
+    status = "cancelled" if done["cancelled"] else ("passed" if reason is None else "failed")
+    run, following = _record_end(
+        run_id, stage, number, until,
+        lambda r: runs.finish(r, stage, number, status=status, exit_code=done["exit_code"],
+                              reason=reason, error=error, log=link, log_key=key,
+                              cache=done["cache"]),
+    )  # fmt: skip
+    return run, following, reason, error, link
+
+
+def recover_spooled() -> None:
+    """Store and record what a dead process of this function finished and kept in its
+    spool (killed while the stores were away), then hand the run on; in the background.
+    An attempt its lease has meanwhile recorded lost stays lost (`finish` does nothing)."""
+    for kept in spool.left_behind():
+        threading.Thread(target=_recover, args=(kept,), name=f"recover-{kept.dir.name}",
+                         daemon=True).start()  # fmt: skip
+
+
+def _recover(kept: spool.Kept) -> None:
+    try:
+        log.info("storing the result %s left by a process that died", kept.dir.name)
+        run_id = kept.outcome["run_id"]
+        _, following, *_ = store_result(kept)
+        hand_on(run_id, following)
+        kept.release()
+    except Exception as e:  # kept for the next start, until the spool's sweep
+        log.error("storing the result %s failed: %s", kept.dir.name, e)
 
 
 def remove_tree(path: Path) -> None:

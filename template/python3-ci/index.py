@@ -229,4 +229,7 @@ if __name__ == "__main__":
         port=int(os.getenv("UPSTREAM_PORT") or os.getenv("PORT") or "5000"),
         threads=int(os.getenv("THREADS", "8")),
         ident="faasci",
+        # A streamed answer (a log) waits for its reader past 1 MiB instead of buffering
+        # waitress's default 16 MiB, which fragmented the heap: memory grew with each one.
+        outbuf_high_watermark=1 << 20,
     )

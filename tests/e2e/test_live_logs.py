@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_for_run
+from conftest import start_run, wait_for_run
 
 from faasci.local import processes
 
@@ -28,9 +28,7 @@ stages:
   unit:
     run: ["echo first-live-line; sleep 12; echo second-live-line"]
 """})  # fmt: skip
-    started = gateway.call("runs", {"repo": str(repo)})
-    assert started.status_code == 201, started.text
-    run_id = started.json()["id"]
+    run_id = start_run(gateway, repo)
     began = time.monotonic()
     follower = subprocess.Popen(
         [FAASCI, "logs", "-f", run_id, "unit"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -78,9 +76,7 @@ stages:
   unit:
     run: ["yes 'a line of a big log, over and over, to see it streamed' | head -c {size}"]
 """})  # fmt: skip
-    started = gateway.call("runs", {"repo": str(repo)})
-    assert started.status_code == 201, started.text
-    run = wait_for_run(gateway, started.json()["id"], timeout=180)
+    run = wait_for_run(gateway, start_run(gateway, repo), timeout=180)
     assert run["status"] == "passed", run
     pids = {"gateway": processes.pid_of(stack.run, "gateway"),
             "pipeline-log": int((stack.run / "fn-pipeline-log.pid").read_text())}  # fmt: skip

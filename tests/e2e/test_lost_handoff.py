@@ -17,7 +17,7 @@ from collections import Counter
 from datetime import datetime
 
 import pytest
-from conftest import ROOT, stack_ports
+from conftest import ROOT, stack_ports, start_run
 
 from faasci.invoke import Gateway
 from faasci.local import control, oidc
@@ -145,9 +145,7 @@ stages:
     run: ["echo $FAASCI_RUN_ID unit >> {markers}"]
 """})  # fmt: skip
     began = time.monotonic()
-    resp = gateway.call("runs", {"repo": str(repo)})
-    assert resp.status_code == 201, resp.text
-    run_id = resp.json()["id"]
+    run_id = start_run(gateway, repo)
     _wait(ending.exists, 90, "lint's last command")
     proxy.cut()  # lint ends ~3 s from now, with the gateway unreachable
     cut_at = time.monotonic()

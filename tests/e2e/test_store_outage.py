@@ -1,14 +1,16 @@
 """Results never lost to a store outage, on a local stack of its own: NATS stopped for 150 s,
 then S3 stopped, each across a stage's end. The worker keeps the attempt's outcome and log
 (faasci.spool) and its lease until the store is back: the passed attempt is recorded
-`passed` once, not rerun, and its log is whole."""
+`passed` once, not rerun, and its log is whole. A worker killed meanwhile leaves them in
+its spool, and the function's next process stores and records them."""
 
 import os
+import signal
 import time
 from collections import Counter
 
 import pytest
-from conftest import ROOT, stack_ports
+from conftest import ROOT, stack_ports, start_run
 
 from faasci.invoke import Gateway
 from faasci.local import control, oidc, processes, services
@@ -58,7 +60,8 @@ def _finished(gateway, run_id: str, timeout: float) -> dict:
         time.sleep(0.5)
 
 
-def _outage_across_lint_end(own_stack, make_repo, outside, part: str, outage_s: float) -> None:
+def _outage_across_lint_end(own_stack, make_repo, outside, part: str, outage_s: float,
+                            kill_worker: bool = False) -> None:  # fmt: skip
     cfg, gateway = own_stack
     markers, ending = outside / "markers", outside / "lint-ending"
     repo = make_repo({".faasci.yml": f"""\
@@ -71,11 +74,16 @@ echo lint-last-line"]
     run: ["echo $FAASCI_RUN_ID unit >> {markers}"]
 """})  # fmt: skip
     began = time.monotonic()
-    resp = gateway.call("runs", {"repo": str(repo)})
-    assert resp.status_code == 201, resp.text
-    run_id = resp.json()["id"]
+    run_id = start_run(gateway, repo)
     _wait(ending.exists, 90, "lint's last command")
     assert processes.stop(cfg.run, part)  # lint ends ~3 s from now, with `part` stopped
+    if kill_worker:  # once lint's result waits in its spool: SIGKILL, then a new process
+        spooled = lambda: any((cfg.workdir / "lint" / "spool").glob("*/outcome.json"))  # noqa: E731
+        _wait(spooled, 30, "lint's result in its spool")
+        worker = processes.pid_of(cfg.run, "fn-lint")
+        os.kill(worker, signal.SIGKILL)
+        _wait(lambda: processes.pid_of(cfg.run, "fn-lint") not in (None, worker), 30,
+              "the gateway to start lint again")  # fmt: skip
     time.sleep(outage_s)
     start = services.start_nats if part == "nats" else services.start_s3
     assert start(cfg, {**os.environ, **cfg.env()})
@@ -112,3 +120,9 @@ def test_s3_stopped_across_a_stage_end_the_passed_attempt_is_kept(own_stack, mak
     """S3 stopped 3 s before lint ends, started 20 s later: lint's log is uploaded once S3
     is back, the attempt recorded passed (one attempt), its log whole."""
     _outage_across_lint_end(own_stack, make_repo, outside, "s3", S3_OUTAGE_S)
+
+
+def test_a_worker_killed_with_its_result_spooled_loses_nothing(own_stack, make_repo, outside):
+    """S3 stopped across lint's end, lint's process killed (SIGKILL) while it holds the
+    result: the function's next process stores the log and records lint passed, once."""
+    _outage_across_lint_end(own_stack, make_repo, outside, "s3", 5, kill_worker=True)

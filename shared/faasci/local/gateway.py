@@ -264,6 +264,10 @@ def main() -> None:
         ident="faasci-gateway",
         channel_timeout=6 * 3600,
         channel_request_lookahead=1,  # so a followed log notices its client leaving
+        # A streamed answer (a log) waits for its reader past 1 MiB instead of piling up
+        # waitress's default 16 MiB, whose buffers left the heap fragmented: resident memory
+        # grew ~17 MiB with every 200 MB log served, and stays flat with this.
+        outbuf_high_watermark=1 << 20,
     )
 
 

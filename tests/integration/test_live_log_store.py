@@ -1,53 +1,32 @@
-"""Live, bounded logs without S3: LiveLog's parts (masked, the head kept, a sliding tail),
+"""Live, bounded logs in the real S3: LiveLog's parts (masked, the head kept, a sliding tail),
 the final log (head, a cut line, tail), and a follower going on in the final object."""
 
+import secrets
 import threading
 import time
 
 import pytest
 
 from faasci import logs
-from faasci.errors import NotFound
 from faasci.masking import Masker
 
-KEY = "logs/20260101-000000-abcdef/unit/1.log"
+
+@pytest.fixture
+def store(client_settings):
+    """The test stack's real S3, as the functions reach it."""
+    from faasci import services
+
+    return services.objects()
 
 
-class FakeStore:
-    """The ObjectStore calls LiveLog and the readers use, in memory."""
-
-    def __init__(self):
-        self.objects: dict[str, tuple[bytes, dict]] = {}
-        self.lock = threading.Lock()
-
-    def put_file(self, key, path, metadata=None):
-        with self.lock:
-            self.objects[key] = (path.read_bytes(), dict(metadata or {}))
-
-    def delete(self, key):
-        with self.lock:
-            self.objects.pop(key, None)
-
-    def keys(self, prefix):
-        return sorted(k for k in list(self.objects) if k.startswith(prefix))
-
-    def sizes(self, prefix):
-        return [(k, len(self.objects[k][0])) for k in self.keys(prefix) if k in self.objects]
-
-    def head(self, key):
-        found = self.objects.get(key)
-        return found and {"size": len(found[0]), "metadata": found[1]}
-
-    def stream(self, key, start=0):
-        if key not in self.objects:
-            raise NotFound(key)
-        data = self.objects[key][0][start:]
-        for i in range(0, len(data), 1000):
-            yield data[i : i + 1000]
+@pytest.fixture
+def key():
+    """A log key of its own (a run id no other test uses)."""
+    return f"logs/20260101-000000-{secrets.token_hex(3)}/unit/1.log"
 
 
-def parts_of(store):
-    return {k: v[0] for k, v in store.objects.items() if ".parts/" in k}
+def parts_of(store, key):
+    return {k: b"".join(store.stream(k)) for k in store.keys(logs.part_prefix(key))}
 
 
 def test_max_bytes_reads_sizes_with_suffixes():
@@ -59,33 +38,33 @@ def test_max_bytes_reads_sizes_with_suffixes():
     assert logs.max_bytes({"FAASCI_LOG_MAX_BYTES": "lots"}) == logs.MAX_BYTES
 
 
-def test_parts_stream_while_written_and_the_final_log_is_whole(tmp_path):
-    store, path = FakeStore(), tmp_path / "stage.log"
-    live = logs.LiveLog(path, KEY, Masker(["s3cr3t-value"]), cap=2**20, store=store,
+def test_parts_stream_while_written_and_the_final_log_is_whole(store, key, tmp_path):
+    path = tmp_path / "stage.log"
+    live = logs.LiveLog(path, key, Masker(["s3cr3t-value"]), cap=2**20, store=store,
                         flush_s=0.05)  # fmt: skip
     with path.open("wb") as out, live:
         out.write(b"first line\n" * 10 + b"then s3cr3t-")
         out.flush()
         time.sleep(0.3)
         # uploaded while running, but for the few bytes a secret could still start in
-        assert b"".join(parts_of(store).values()).startswith(b"first line\n" * 8)
+        assert b"".join(parts_of(store, key).values()).startswith(b"first line\n" * 8)
         out.write(b"value inside\nsecond\n")  # the secret spans two rounds: masked still
         out.flush()
         time.sleep(0.3)
     final = live.finish()
     assert final.read_bytes() == b"first line\n" * 10 + b"then *** inside\nsecond\n"
-    assert b"s3cr3t" not in b"".join(parts_of(store).values())
+    assert b"s3cr3t" not in b"".join(parts_of(store, key).values())
     assert live.tail.endswith("second\n")
     assert live.metadata()["head"] == str(len(final.read_bytes()))
-    store.put_file(KEY, final, live.metadata())
+    store.put_file(key, final, metadata=live.metadata())
     live.discard()
-    assert parts_of(store) == {}
+    assert parts_of(store, key) == {}
 
 
-def test_a_log_over_its_cap_keeps_head_and_tail_and_says_what_was_cut(tmp_path):
-    store, path = FakeStore(), tmp_path / "stage.log"
+def test_a_log_over_its_cap_keeps_head_and_tail_and_says_what_was_cut(store, key, tmp_path):
+    path = tmp_path / "stage.log"
     cap = 256 * 1024
-    live = logs.LiveLog(path, KEY, Masker(), cap=cap, store=store, flush_s=0.02)
+    live = logs.LiveLog(path, key, Masker(), cap=cap, store=store, flush_s=0.02)
     lines = [f"line {i:07d}\n".encode() for i in range(200_000)]  # 2.6 MB
     with path.open("wb") as out, live:
         for i in range(0, len(lines), 20_000):
@@ -93,7 +72,7 @@ def test_a_log_over_its_cap_keeps_head_and_tail_and_says_what_was_cut(tmp_path):
             out.flush()
             time.sleep(0.03)
         # the parts in S3 stay within the cap (the head, the tail and one part's slack)
-        assert sum(map(len, parts_of(store).values())) <= cap + logs.PART_MAX
+        assert sum(map(len, parts_of(store, key).values())) <= cap + logs.PART_MAX
     final = live.finish().read_bytes()
     head, _, rest = final.partition(b"\n[faas-ci] \xe2\x80\xa6 ")
     cut = int(rest.split(b" ")[0])
@@ -107,16 +86,16 @@ def test_a_log_over_its_cap_keeps_head_and_tail_and_says_what_was_cut(tmp_path):
     assert live.tail.endswith("line 0199999\n")
     # served from the parts (a lost attempt's log): the same head, a cut line, the tail
     served = b"".join(logs.join_parts(
-        logs._parts(store, KEY), lambda o, skip: store.stream(logs.part_key(KEY, o), skip),
+        logs._parts(store, key), lambda o, skip: store.stream(logs.part_key(key, o), skip),
         cap // 2, cap - cap // 2, cap))  # fmt: skip
     assert served.startswith(head) and served.endswith(tail) and b"bytes cut" in served
 
 
-def test_output_that_would_only_slide_out_is_never_read(tmp_path):
+def test_output_that_would_only_slide_out_is_never_read(store, key, tmp_path):
     """A burst far over the cap between two rounds: the reading jumps to the tail."""
-    store, path = FakeStore(), tmp_path / "stage.log"
+    path = tmp_path / "stage.log"
     cap = 128 * 1024
-    live = logs.LiveLog(path, KEY, Masker(), cap=cap, store=store, flush_s=3600)
+    live = logs.LiveLog(path, key, Masker(), cap=cap, store=store, flush_s=3600)
     path.write_bytes(b"x" * 100 + b"\n" + b"y\n" * 4 * logs.PART_MAX)
     live._pump(final=True)
     assert live.read_at == path.stat().st_size
@@ -127,15 +106,15 @@ def test_output_that_would_only_slide_out_is_never_read(tmp_path):
 
 
 @pytest.mark.parametrize("cut", [False, True])
-def test_a_follower_goes_on_in_the_final_object_where_the_parts_left_off(tmp_path, cut):
-    store, path = FakeStore(), tmp_path / "stage.log"
+def test_a_follower_goes_on_in_the_final_object_where_the_parts_left_off(store, key, tmp_path, cut):
+    path = tmp_path / "stage.log"
     cap = 64 * 1024
-    live = logs.LiveLog(path, KEY, Masker(), cap=cap, store=store, flush_s=0.02)
+    live = logs.LiveLog(path, key, Masker(), cap=cap, store=store, flush_s=0.02)
     body = b"".join(f"{i:09d}\n".encode() for i in range(30_000 if cut else 3000))
     got, running = [], threading.Event()
     running.set()
     follower = threading.Thread(target=lambda: got.extend(logs.follow_log(
-        store, KEY, running.is_set, poll_s=0.02)))  # fmt: skip
+        store, key, running.is_set, poll_s=0.02)))  # fmt: skip
     follower.start()
     with path.open("wb") as out, live:
         for i in range(0, len(body), 50_000):
@@ -143,7 +122,7 @@ def test_a_follower_goes_on_in_the_final_object_where_the_parts_left_off(tmp_pat
             out.flush()
             time.sleep(0.05)
     final = live.finish()
-    store.put_file(KEY, final, live.metadata())
+    store.put_file(key, final, metadata=live.metadata())
     live.discard()
     running.clear()
     follower.join(10)
@@ -156,14 +135,14 @@ def test_a_follower_goes_on_in_the_final_object_where_the_parts_left_off(tmp_pat
         assert b"bytes cut" in final.read_bytes()
 
 
-def test_a_follower_of_a_lost_attempt_ends_with_its_partial_log(tmp_path, monkeypatch):
+def test_a_follower_of_a_lost_attempt_ends_with_its_partial_log(store, key, tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "FLUSH_S", 0.01)
-    store, path = FakeStore(), tmp_path / "stage.log"
+    path = tmp_path / "stage.log"
     path.write_bytes(b"started\n")
-    live = logs.LiveLog(path, KEY, Masker(), store=store)
+    live = logs.LiveLog(path, key, Masker(), store=store)
     live._pump()
     live._upload()  # its worker dies: no final object, ever
-    followed = b"".join(logs.follow_log(store, KEY, lambda: False, poll_s=0.01))
+    followed = b"".join(logs.follow_log(store, key, lambda: False, poll_s=0.01))
     assert followed.startswith(b"started\n") and b"without a final log" in followed
 
 
