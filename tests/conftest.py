@@ -154,7 +154,8 @@ os.environ.setdefault(
 
 
 def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
-    """The environment placing a stack's gateway, NATS and S3 on these ports (plus the offset)."""
+    """The environment placing a stack's gateway, NATS and S3 on these ports (plus the offset),
+    and its OIDC provider, Vault and image registry beside the gateway."""
     return {
         "OPENFAAS_URL": f"http://127.0.0.1:{gateway + PORT_OFFSET}",
         "FAASCI_NATS_PORT": str(nats + PORT_OFFSET),
@@ -162,11 +163,13 @@ def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
         # The OIDC provider and Vault beside the gateway: 28444 and 28200 for its 28080.
         "FAASCI_OIDC_PORT": str(gateway + 364 + PORT_OFFSET),
         "FAASCI_VAULT_PORT": str(gateway + 120 + PORT_OFFSET),
+        # The registry as 5000 is to 8080: 25000 for 28080 (26000-28000 for the e2e stacks).
+        "FAASCI_REGISTRY_PORT": str(gateway - 3080 + PORT_OFFSET),
     }
 
 
 # Ports of the test stack: NATS 24222 (monitor 28222), S3 28333 (SeaweedFS 28334-28346),
-# gateway 28080 with the functions on 28081 and up, OIDC 28444, Vault 28200.
+# gateway 28080 with the functions on 28081 and up, OIDC 28444, Vault 28200, registry 25000.
 TEST_STACK_ENV = stack_ports(28080, 24222, 28333)
 CALLBACK_PORT = 28070 + PORT_OFFSET  # callback_receiver's; the test stack's callbacks go there
 # the default (the stack's own functions) and the receiver
@@ -274,6 +277,21 @@ def client_settings(stack):
     yield value
     settings.configure(None)
     services.reset()
+
+
+@pytest.fixture(scope="session")
+def engine_with_base(stack):
+    """The stack's container engine running, with the offline base image; its name."""
+    from faasci.local.engine import Engine
+
+    engine = Engine.for_stack(stack)
+    engine.start()
+    return engine.ensure_base_image(say=lambda *_: None)
+
+
+def log_of(gateway, run_id: str, stage: str, attempt: int = 1) -> str:
+    """The stored log of one attempt of a stage, as pipeline-log serves it."""
+    return gateway.call("pipeline-log", method="GET", path=f"{run_id}/{stage}/{attempt}").text
 
 
 def start_run(gateway, repo: Path) -> str:

@@ -662,6 +662,8 @@ def cmd_show(args) -> int:
         return 0
     print(f"run {run['id']}  status: {run['status']}  trigger: {run['trigger']}")
     print(f"repo: {run['repo']}")
+    if run.get("image"):  # what the build stage pushed, by digest
+        print(f"image: {run['image']}")
     Console().print(stages_table(run))
     if run["status"] == "failed":
         gw = gateway()

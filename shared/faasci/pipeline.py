@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +34,7 @@ from .defaults import FILENAME, Reader
 from .errors import Unprocessable
 
 RetryReason = Literal["exit", "timeout", "infra"]
+BUILT = "built"  # a stage's `image:` meaning the image this run's build stage pushed
 
 
 def _scalar(value):
@@ -94,6 +96,28 @@ class CacheSpec(BaseModel):
         return paths
 
 
+def _inside_checkout(path: str) -> str:
+    if path.startswith("/") or ".." in path.split("/") or not path.strip():
+        raise ValueError(f"{path!r} must be a path inside the repository (relative, no '..')")
+    return path
+
+
+class DockerBuild(BaseModel):
+    """The build stage's image: `file` built with `context` (both relative to the service
+    folder), an optional multi-stage `target` and build `args`, pushed to `repository`
+    (default: <FAASCI_REGISTRY>/<service>) tagged with the commit, then named by digest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Annotated[str, AfterValidator(_inside_checkout)] = "Dockerfile"
+    context: Annotated[str, AfterValidator(_inside_checkout)] = "."
+    target: str | None = Field(default=None, min_length=1, max_length=128,
+                               pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # fmt: skip
+    args: dict[str, EnvValue] = {}
+    repository: str | None = Field(default=None, min_length=1, max_length=255,
+                                   pattern=r"^[a-z0-9][a-z0-9._:/-]*[a-z0-9]$")  # fmt: skip
+
+
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by faas-ci for every stage: a secret may not take their place.
 RESERVED_ENV = {"PATH", "HOME", "LANG", "CI", "TMPDIR", "PWD", "SHELL", "USER", "LD_PRELOAD",
@@ -144,7 +168,11 @@ def _secret_ref(value):
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    run: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    # The build stage only: build and push the service's image (see DockerBuild), after
+    # the commands. `image: built` on a later stage runs its commands in that image.
+    docker: DockerBuild | None = None
+    # The commands; a stage that builds an image (`docker`) may have none.
+    run: list[Annotated[str, Field(min_length=1)]] = Field(default=[], validate_default=True)
     # Strict: YAML's `true` is not a number of seconds or of retries.
     timeout: int = Field(default=600, gt=0, le=6 * 3600, strict=True, description="seconds")
     retries: int = Field(default=3, ge=0, le=10, strict=True)
@@ -166,6 +194,13 @@ class StageSpec(BaseModel):
     @classmethod
     def _one_command_as_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("run")
+    @classmethod
+    def _commands_or_an_image(cls, run, info: ValidationInfo):
+        if not run and not info.data.get("docker"):
+            raise ValueError("a stage needs at least one command (or, to build, `docker`)")
+        return run
 
     @field_validator("secrets")
     @classmethod
@@ -203,6 +238,15 @@ class Pipeline(BaseModel):
                 raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
         env = info.data.get("env") or {}
         for name, spec in stages.items():
+            if spec.docker and name != "build":
+                raise ValueError(f"{name}.docker: only the build stage builds an image")
+            if spec.image == BUILT and not (
+                stages.get("build")
+                and stages["build"].docker
+                and STAGES.index(name) > STAGES.index("build")
+            ):
+                raise ValueError(f"{name}.image: `built` needs a build stage with `docker` "
+                                 "before it")  # fmt: skip
             for secret_name, secret in spec.secrets.items():
                 var = f"{secret_name}_FILE" if secret.file else secret_name
                 if var in env:

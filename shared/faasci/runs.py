@@ -49,6 +49,7 @@ class Attempt(BaseModel):
     worker: str | None = None
     heartbeat_at: datetime | None = None  # the worker is alive while this keeps moving
     cache: dict | None = None  # what the dependency cache did (faasci.cache.CacheReport)
+    image: str | None = None  # the build stage: the image it pushed, repository@sha256:…
 
 
 class StageRun(BaseModel):
@@ -94,6 +95,9 @@ class Run(BaseModel):
     pipeline: Pipeline
     stages: list[StageRun] = []
     alert: Alert | None = None
+    # The image the build stage pushed (repository@sha256:…): later stages see it as
+    # FAASCI_IMAGE, run in it with `image: built`, and promote it.
+    image: str | None = None
 
     def stage(self, name: str) -> StageRun:
         for stage in self.stages:
@@ -181,6 +185,7 @@ def finish(
     log: str | None = None,
     log_key: str | None = None,
     cache: dict | None = None,
+    image: str | None = None,
 ) -> Next:
     """Record the end of an attempt and decide what follows: the next stage, a retry after
     its back-off, or the end of the run."""
@@ -191,6 +196,8 @@ def finish(
     attempt.status = status
     attempt.exit_code, attempt.reason, attempt.error = exit_code, reason, error
     attempt.log, attempt.log_key, attempt.cache = log, log_key, cache
+    if image and status == "passed":
+        attempt.image = run.image = image
     attempt.finished_at = now()
     attempt.duration_s = _seconds(attempt.started_at, attempt.finished_at)
     if run.finished:  # cancelled meanwhile: record the attempt, start nothing

@@ -218,8 +218,15 @@ class ImageSandbox(Sandbox):
         self.overlays = []
 
     def system_path(self) -> str:
-        """The image's own PATH."""
-        config = _docker().images.get(self.image).attrs.get("Config") or {}
+        """The image's own PATH (pulled first when the engine lacks it, as an image named
+        by digest from the registry may be)."""
+        import docker
+
+        try:
+            found = _docker().images.get(self.image)
+        except docker.errors.ImageNotFound:
+            found = _docker().images.pull(self.image)
+        config = found.attrs.get("Config") or {}
         env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
         return env.get("PATH", SYSTEM_PATH)
 

@@ -25,6 +25,7 @@ class Settings:
     s3_endpoint: str = ""  # empty means AWS itself
     s3_region: str = "us-east-1"
     bucket: str = "faasci"
+    registry: str = "127.0.0.1:5000"  # where build stages push images: host[:port][/prefix]
     secrets_dir: Path = Path(OPENFAAS_SECRETS_DIR)
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "faasci-work")
     snapshots_dir: Path | None = (
@@ -62,6 +63,7 @@ class Settings:
             s3_endpoint=env.get("S3_ENDPOINT", defaults.s3_endpoint),
             s3_region=env.get("S3_REGION", defaults.s3_region),
             bucket=env.get("S3_BUCKET", defaults.bucket),
+            registry=env.get("FAASCI_REGISTRY", defaults.registry).rstrip("/"),
             secrets_dir=Path(env.get("FAASCI_SECRETS_DIR", OPENFAAS_SECRETS_DIR)),
             workdir=Path(env["FAASCI_WORKDIR"]) if env.get("FAASCI_WORKDIR") else defaults.workdir,
             snapshots_dir=Path(env["FAASCI_SNAPSHOTS"]) if env.get("FAASCI_SNAPSHOTS") else None,

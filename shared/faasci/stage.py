@@ -30,10 +30,23 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from . import audit, cache, git, invalidation, runs, services, shell, spool, stage_secrets, timers
+from . import (
+    audit,
+    cache,
+    git,
+    images,
+    invalidation,
+    runs,
+    services,
+    shell,
+    spool,
+    stage_secrets,  # fmt: skip
+    timers,
+)
 from .errors import NotFound
 from .invoke import InvocationError
 from .logs import LiveLog, discard_parts, log_key, log_link
+from .pipeline import BUILT
 from .runs import Next, Run
 from .sandbox import ImageSandbox, Overlay, Sandbox, stage_path
 from .settings import settings
@@ -46,7 +59,7 @@ LEASE_S = 30  # silence after which its worker counts as lost
 WATCH_S = 1  # how often the watcher looks for a cancel
 # Stages whose integrations (image build, GitOps, rollout) are not wired in yet say so.
 COMMANDS_ONLY = {
-    "build": "ran the configured commands; no image was built (not integrated yet)",
+    "build": "ran the configured commands; no image was built (the stage has no `docker`)",
     "promote": "ran the configured commands; nothing was promoted (GitOps is not integrated yet)",
     "deploy": "ran the configured commands; nothing was rolled out (not integrated yet)",
 }
@@ -88,7 +101,8 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         kept = spool.Kept(workdir.name, log_file, {
             "run_id": run_id, "stage": stage, "attempt": number, "exit_code": outcome.exit_code,
             "cancelled": outcome.cancelled, "reason": reason, "error": error,
-            "cache": cache_report, "log_metadata": live.metadata()})  # fmt: skip
+            "cache": cache_report, "image": watcher.image,
+            "log_metadata": live.metadata()})  # fmt: skip
         remove_tree(workdir)
         run, following, reason, error, link = store_result(kept)
     finally:
@@ -114,9 +128,10 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         "next": following.stage,
         "retry_in_s": following.delay_s if following.stage == stage else None,
         "cache": cache_report,
+        "image": run.stage(stage).attempts[number - 1].image,
         "run_status": run.status,
     }
-    if stage in COMMANDS_ONLY:
+    if stage in COMMANDS_ONLY and not result["image"]:
         result["note"] = COMMANDS_ONLY[stage]
     return result
 
@@ -129,6 +144,7 @@ class Watcher(threading.Thread):
         super().__init__(name=f"watch-{run_id}-{stage}", daemon=True)
         self.run_id, self.stage, self.number = run_id, stage, number
         self.stop_commands = threading.Event()
+        self.image: str | None = None  # what the build stage pushed (repository@sha256:…)
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -164,7 +180,11 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
     sandbox (with the stage's secrets: `given`). Returns (outcome, failure reason or None,
     error line or None, cache report or None)."""
     spec = run.pipeline.stages[stage]
-    box = (ImageSandbox(workdir, run.path, image=spec.image) if spec.image
+    image = run.image if spec.image == BUILT else spec.image
+    if spec.image == BUILT and not image:
+        out.write(b"[faas-ci] image: built, but no build stage of this run pushed one\n")
+        return shell.Outcome(exit_code=None), "exit", "no image was built in this run", None
+    box = (ImageSandbox(workdir, run.path, image=image) if image
            else Sandbox(workdir, run.path))  # fmt: skip
     try:
         git.checkout(run.source, run.commit, box.src)
@@ -207,7 +227,29 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
                 report)  # fmt: skip
     if outcome.exit_code:
         return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report
+    if spec.docker:  # the commands passed: now the image (faasci.images)
+        return (*_build_image(run, spec, box, out, watcher), report)
     return outcome, None, None, report
+
+
+def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher):
+    """Build and push the service's image: (outcome, reason, error), the pushed image
+    reference kept on the watcher for the record."""
+    repository = images.repository_for(run.service, spec.docker)
+    try:
+        pushed = images.build_and_push(spec.docker, box.src / run.path, repository, run.commit,
+                                       out, spec.timeout, watcher.stop_commands)  # fmt: skip
+    except images.BuildFailed as e:
+        out.write(f"[faas-ci] {e}\n".encode())
+        failed = shell.Outcome(
+            exit_code=None,
+            timed_out=e.reason == "timeout",
+            cancelled=e.reason == "cancelled",
+            command="docker build",
+        )
+        return failed, e.reason, str(e)
+    watcher.image = pushed.ref
+    return shell.Outcome(exit_code=0), None, None
 
 
 def _dependencies(
@@ -290,6 +332,7 @@ def _command_env(run: Run, stage: str, number: int, box: Sandbox) -> dict[str, s
         "FAASCI_COMMIT": run.commit,
         "FAASCI_REF": run.ref,
         "FAASCI_WORKSPACE": str(box.workspace / "src"),
+        **({"FAASCI_IMAGE": run.image} if run.image else {}),
     }
 
 
@@ -319,7 +362,7 @@ def store_result(kept: spool.Kept) -> tuple[Run, Next, str | None, str | None, s
         run_id, stage, number, until,
         lambda r: runs.finish(r, stage, number, status=status, exit_code=done["exit_code"],
                               reason=reason, error=error, log=link, log_key=key,
-                              cache=done["cache"]),
+                              cache=done["cache"], image=done.get("image")),
     )  # fmt: skip
     return run, following, reason, error, link
 

@@ -5,7 +5,7 @@ import time
 
 import psutil
 import pytest
-from conftest import commit_all, wait_for_run
+from conftest import commit_all, log_of, wait_for_run
 
 MARK = "sleep 8642"  # this file's stray processes, told apart by their argument
 
@@ -14,10 +14,6 @@ def start(gateway, repo) -> str:
     resp = gateway.call("runs", {"repo": str(repo)})
     assert resp.status_code == 201, resp.text
     return resp.json()["id"]
-
-
-def log_of(gateway, run_id: str, stage: str, attempt: int = 1) -> str:
-    return gateway.call("pipeline-log", method="GET", path=f"{run_id}/{stage}/{attempt}").text
 
 
 def strays() -> list[psutil.Process]:
@@ -174,13 +170,3 @@ def test_a_stage_in_a_container_image(stack, gateway, make_repo, engine_with_bas
     log = log_of(gateway, run["id"], "unit")
     assert run["status"] == "passed", log
     assert "/tmp/faasci-workspace/src\n" in log
-
-
-@pytest.fixture(scope="module")
-def engine_with_base(stack):
-    """The stack's container engine running, with the offline base image; its name."""
-    from faasci.local.engine import Engine
-
-    engine = Engine.for_stack(stack)
-    engine.start()
-    return engine.ensure_base_image(say=lambda *_: None)

@@ -111,6 +111,13 @@ def test_bad_timeout_names_the_stage_field():
         ("unit: {run: []}", "stages.unit.run"),
         ("unit: {run: ['']}", "stages.unit.run.0"),
         ("unit: {timeout: 10}", "stages.unit.run"),
+        ("build: {docker: {file: ../../etc/passwd}}", "stages.build.docker.file"),
+        ("build: {docker: {context: /}}", "stages.build.docker.context"),
+        ("build: {docker: {target: 'a b'}}", "stages.build.docker.target"),
+        ("build: {docker: {repository: 'Upper/Case'}}", "stages.build.docker.repository"),
+        ("build: {docker: {dockerfile: x}}", "stages.build.docker.dockerfile"),
+        ("lint: {docker: {}, run: [x]}", "stages"),
+        ("unit: {image: built, run: [x]}", "stages"),
     ],
 )
 def test_bad_stage_values_name_their_field(stage_yaml, field):
@@ -566,3 +573,13 @@ def test_explain_prints_the_pipeline_and_why_without_a_stack(make_repo, capsys, 
     assert cli.main(["run", "--explain"]) == 0  # the current folder
     assert pipeline.parse(capsys.readouterr().out, "x").service == "web"
     assert cli.main(["run", "--explain", str(repo / "missing")]) == 2
+
+
+def test_a_build_stage_may_only_build_an_image():
+    """`docker` alone is a whole build stage; a later stage may run in the image it built."""
+    p = pipeline.parse("stages:\n  build:\n    docker: {args: {VERSION: 2}}\n"
+                       "  integration: {image: built, run: [pytest]}\n", "svc")  # fmt: skip
+    build = p.stages["build"]
+    assert build.run == [] and build.docker.file == "Dockerfile" and build.docker.context == "."
+    assert build.docker.args == {"VERSION": "2"}
+    assert p.stages["integration"].image == pipeline.BUILT

@@ -22,6 +22,7 @@ LOCAL_DEFAULTS = {
     "PUBLIC_URL": "http://127.0.0.1:8080",
     "NATS_URL": "nats://127.0.0.1:4222",
     "S3_ENDPOINT": "http://127.0.0.1:8333",
+    "FAASCI_REGISTRY": "127.0.0.1:5000",
 }
 
 
@@ -76,6 +77,7 @@ def test_a_cluster_sets_every_address_through_the_environment():
         "PUBLIC_URL": "https://ci.example.com",
         "NATS_URL": "nats://nats.openfaas:4222",
         "S3_ENDPOINT": "https://s3.example.com",
+        "FAASCI_REGISTRY": "registry.example.com/apps",
     }
     loaded = stack.load(STACK, env={**cluster, "REGISTRY": "reg.example.com/ci"})
     for name, fn in loaded.functions.items():

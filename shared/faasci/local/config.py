@@ -41,6 +41,7 @@ class LocalConfig:
     containers: bool = False  # functions run as containers of their images (up --containers)
     oidc_port: int = 8444  # the local OpenID Connect provider (oidc.py)
     vault_port: int = 8200  # the local OpenBao (openbao.py)
+    registry_port: int = 5000  # the local image registry (Distribution's docker-registry)
 
     @classmethod
     def from_env(cls, stack_file: Path | None = None) -> LocalConfig:
@@ -57,6 +58,7 @@ class LocalConfig:
             containers=os.environ.get("FAASCI_CONTAINERS") == "1",
             oidc_port=int(os.environ.get("FAASCI_OIDC_PORT", "8444")),
             vault_port=int(os.environ.get("FAASCI_VAULT_PORT", "8200")),
+            registry_port=int(os.environ.get("FAASCI_REGISTRY_PORT", "5000")),
         )
 
     @property
@@ -79,6 +81,11 @@ class LocalConfig:
     @property
     def vault_url(self) -> str:
         return f"http://127.0.0.1:{self.vault_port}"
+
+    @property
+    def registry(self) -> str:
+        """The local registry as image references start with it (host:port, plain HTTP)."""
+        return f"127.0.0.1:{self.registry_port}"
 
     # Folders under home: data survives `faasci down`; run holds pid files.
     @property
@@ -132,6 +139,7 @@ class LocalConfig:
             "FAASCI_CONTAINERS": "1" if self.containers else "0",
             "FAASCI_OIDC_PORT": str(self.oidc_port),
             "FAASCI_VAULT_PORT": str(self.vault_port),
+            "FAASCI_REGISTRY_PORT": str(self.registry_port),
         }
 
 

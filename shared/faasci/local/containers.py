@@ -96,6 +96,8 @@ class FunctionContainer(FunctionInstance):
             # The local stack's servers, as the container reaches them.
             "NATS_URL": f"nats://{host}:{cfg.nats_port}",
             "S3_ENDPOINT": f"http://{host}:{cfg.s3_port}",
+            # The host's engine pushes (not the container): the registry as the host sees it.
+            "FAASCI_REGISTRY": cfg.registry,
             "VAULT_ADDR": f"http://{host}:{cfg.vault_port}",
             # Tokens name the issuer as the host sees it (127.0.0.1), which is the
             # container's own loopback here: its keys are fetched at the host's address.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 from dataclasses import replace
 
@@ -73,10 +74,10 @@ def ensure_secrets(cfg: LocalConfig) -> None:
 
 def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     """Start whatever part of the stack is not running (or not answering): False when every
-    part was up already. A dead NATS or S3 under a live gateway is started and the gateway
-    is left alone (its functions reconnect); a dead gateway is replaced, with whatever
-    function processes and commands it left behind. With `containers`, every function's
-    image is built and run as a container (see containers.py)."""
+    part was up already. A dead NATS, S3 or registry under a live gateway is started and
+    the gateway is left alone (its functions reconnect); a dead gateway is replaced, with
+    whatever function processes and commands it left behind. With `containers`, every
+    function's image is built and run as a container (see containers.py)."""
     if containers:
         cfg = replace(cfg, containers=True)
     before = status(cfg)
@@ -96,7 +97,7 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     )
     services.write_nats_config(cfg, settings.nats_user, settings.secret("nats-token"))
     parts = before["parts"]
-    for name in ("nats", "s3", "oidc"):  # alive but not answering: replaced
+    for name in ("nats", "s3", "registry", "oidc"):  # alive but not answering: replaced
         if parts[name]["pid"] and not parts[name]["healthy"]:
             say(f"{name} (pid {parts[name]['pid']}) is not answering: restarting it")
             processes.stop(cfg.run, name)
@@ -104,6 +105,9 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
         say(f"NATS (JetStream) on {cfg.nats_url}")
     if services.start_s3(cfg, env):
         say(f"S3 (SeaweedFS) on {cfg.s3_url}")
+    if services.start_registry(cfg, env):  # where the build stage pushes images
+        say(f"image registry (Distribution) on {cfg.registry}")
+    start_engine(cfg, say)
     from . import oidc  # before the functions (they fetch its keys) and the CLI's token
 
     if oidc.start_oidc(cfg, env):
@@ -131,6 +135,26 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     elif not connector:
         say("schedules: the gateway's own scheduler (no cron-connector in OPENFAAS_BIN or PATH)")
     return True
+
+
+def start_engine(cfg: LocalConfig, say) -> None:
+    """The container engine build stages and `image:` stages use (DOCKER_HOST), when Podman
+    is installed (its images stay on disk across `down`). Not fatal: only those stages need
+    it, and they fail as `infra` without it."""
+    from .engine import Engine, EngineError
+
+    engine = Engine.for_stack(cfg)
+    if not shutil.which("podman"):
+        say("container engine: podman is not installed (./scripts/install installs it)")
+        return
+    was_running = engine.running()
+    try:
+        engine.start()
+    except EngineError as e:
+        say(f"container engine: did not start: {e}")
+        return
+    if not was_running:
+        say(f"container engine (Podman) at {engine.docker_host}")
 
 
 def start_gateway(cfg: LocalConfig, env: dict[str, str], say, connector) -> None:
@@ -185,6 +209,7 @@ def status(cfg: LocalConfig) -> dict:
     probes = {
         "nats": lambda: services.nats_ready(cfg),
         "s3": lambda: services.s3_ready(cfg),
+        "registry": lambda: services.registry_ready(cfg),
         "vault": bao.active,
         "oidc": lambda: oidc.ready(cfg),
         "gateway": lambda: gateway_healthy(cfg),
@@ -232,14 +257,20 @@ def not_ready_report(cfg: LocalConfig) -> str:
 
 
 def down(cfg: LocalConfig, say=print) -> None:
-    """Stop the gateway (and with it every function), S3 and NATS; data stays for next time."""
-    parts = ("cron-connector", "gateway", "vault", "oidc", "s3", "nats")
+    """Stop the gateway (and with it every function), the registry, S3 and NATS; data stays
+    for next time."""
+    parts = ("cron-connector", "gateway", "vault", "oidc", "registry", "s3", "nats")
     # The gateway first drains its functions (DRAIN_S each, all at once).
     stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
     if killed := kill_stale(cfg):  # left by a gateway that was killed
         stopped.append(f"{killed} function processes")
     if removed := remove_containers(cfg):  # those a gateway killed mid-stop left behind
         stopped.append(f"{removed} containers")
+    from .engine import Engine
+
+    engine = Engine.for_stack(cfg)  # its own (in the stack's home), not a shared folder's
+    if engine.folder.is_relative_to(cfg.home.resolve()) and engine.stop():
+        stopped.append("the container engine")
     say(f"stopped {', '.join(stopped)}" if stopped else "faas-ci was not running")
 
 

@@ -3,6 +3,7 @@
 Everything lives in one folder (default `<FAASCI_HOME>/podman/`, or FAASCI_PODMAN_HOME):
 its containers.conf, storage.conf and registries.conf, the image storage, and the socket
 of one `podman system service` started once and reused (DOCKER_HOST=unix://<folder>/podman.sock).
+registries.conf lists the local registries (plain HTTP) of every stack that used the folder.
 
 Images are built offline from the build contexts of the real `faas-cli build --shrinkwrap`:
   localhost/faasci-base:bookworm   a debootstrap'ed Debian bookworm with python3, made once
@@ -17,10 +18,12 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import docker
@@ -30,6 +33,7 @@ from . import processes
 from .config import LocalConfig, openfaas_tool
 
 BASE_IMAGE = "localhost/faasci-base:bookworm"
+DEFAULT_REGISTRY = "127.0.0.1:5000"  # the local stack's registry on its default port
 WATCHDOG_REPO = "localhost/of-watchdog"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # The machine's own extra CAs (a TLS-inspecting egress proxy's, if any): copied into the
@@ -45,17 +49,24 @@ class EngineError(Exception):
 
 
 class Engine:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, registries: Iterable[str] = ()):
         self.folder = folder.resolve()
+        # The registries (host:port) pushed to over plain HTTP: the local stacks'.
+        self.registries = {DEFAULT_REGISTRY, *registries}
         self._client: docker.DockerClient | None = None
 
     @classmethod
     def for_stack(cls, cfg: LocalConfig) -> Engine:
-        """The stack's engine (one per folder and process, so its client is shared)."""
+        """The stack's engine (one per folder and process, so its client is shared), which
+        pushes to the stack's registry over plain HTTP."""
         folder = Path(os.environ.get("FAASCI_PODMAN_HOME") or cfg.home / "podman").resolve()
         if folder not in _engines:
             _engines[folder] = cls(folder)
-        return _engines[folder]
+        engine = _engines[folder]
+        if cfg.registry not in engine.registries:  # another stack sharing the folder
+            engine.registries.add(cfg.registry)
+            engine._client = None  # the next client (start) makes the service list it
+        return engine
 
     @property
     def socket(self) -> Path:
@@ -76,10 +87,13 @@ class Engine:
 
     # --- configuration and the API service ------------------------------------------------
 
-    def configure(self) -> None:
+    def configure(self) -> bool:
         """runc (crun fails on these machines), cgroupfs and a file events log (no systemd),
-        low default ulimits (raising RLIMIT_NOFILE is refused here), storage in the folder."""
+        low default ulimits (raising RLIMIT_NOFILE is refused here), storage in the folder,
+        plain HTTP to this engine's `registries` and to those listed already (other stacks
+        sharing the folder push there too). True if a file changed."""
         f = self.folder
+        insecure = sorted(self.registries | self.listed_registries())
         for sub in ("storage", "run", "tmp"):
             (f / sub).mkdir(parents=True, exist_ok=True)
         files = {
@@ -99,19 +113,26 @@ driver = "overlay"
 graphroot = "{f}/storage"
 runroot = "{f}/run"
 """,
-            # No search registries (nothing is pulled by a short name); the local registry
-            # of `docker-registry` speaks plain HTTP.
-            "registries.conf": """unqualified-search-registries = []
-
-[[registry]]
-location = "127.0.0.1:5000"
-insecure = true
-""",
+            # No search registries (nothing is pulled by a short name); the local registries
+            # of `docker-registry` speak plain HTTP.
+            "registries.conf": "unqualified-search-registries = []\n"
+            + "".join(f'\n[[registry]]\nlocation = "{r}"\ninsecure = true\n' for r in insecure),
         }
+        changed = False
         for name, text in files.items():
             path = f / name
             if not path.exists() or path.read_text() != text:
                 path.write_text(text)
+                changed = True
+        return changed
+
+    def listed_registries(self) -> set[str]:
+        """The insecure registries registries.conf lists now."""
+        try:
+            listed = tomllib.loads((self.folder / "registries.conf").read_text())
+        except (FileNotFoundError, tomllib.TOMLDecodeError):
+            return set()
+        return {r["location"] for r in listed.get("registry", []) if r.get("insecure")}
 
     def podman(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         """The podman CLI on this folder's storage (for what the API lacks, and for tests)."""
@@ -126,15 +147,16 @@ insecure = true
             return False
 
     def start(self) -> None:
-        """Start `podman system service` unless this folder's one answers already."""
-        if self.running():
-            return
-        if not shutil.which("podman"):
-            raise EngineError("podman is not installed (./scripts/install installs it)")
-        self.configure()
-        with self.lock():
-            if self.running():  # another process started it meanwhile
+        """Start `podman system service` unless this folder's one answers already; one that
+        answers rereads its configuration if this engine's registries were new to it."""
+        with self.lock():  # one process at a time rewrites the configuration
+            changed = self.configure()
+            if self.running():  # started earlier, or by another process meanwhile
+                if changed:
+                    self.reload()
                 return
+            if not shutil.which("podman"):
+                raise EngineError("podman is not installed (./scripts/install installs it)")
             processes.stop(self.folder, "podman-service")
             self.socket.unlink(missing_ok=True)
             processes.start(
@@ -148,6 +170,14 @@ insecure = true
                 processes.wait_until(self.running, 30, "podman system service")
             except TimeoutError as e:
                 raise EngineError(f"{e}; log: {self.folder / 'service.log'}") from None
+
+    def reload(self) -> None:
+        """The running service keeps the registries.conf it read at its start: SIGHUP makes
+        it read its configuration files again (Podman's StartWatcher; asynchronous)."""
+        pid = processes.pid_of(self.folder, "podman-service")
+        if pid:
+            os.kill(pid, signal.SIGHUP)
+            time.sleep(0.5)  # a push right away would still use the old list
 
     def stop(self) -> bool:
         """Stop the API service (containers keep running under their conmon)."""

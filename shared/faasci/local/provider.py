@@ -141,6 +141,7 @@ class FunctionProcess(FunctionInstance):
             "PUBLIC_URL": cfg.gateway_url,
             "NATS_URL": cfg.nats_url,
             "S3_ENDPOINT": cfg.s3_url,
+            "FAASCI_REGISTRY": cfg.registry,  # where the build stage pushes images
             "VAULT_ADDR": cfg.vault_url,
             "OIDC_ISSUER": cfg.oidc_issuer,  # the local OIDC provider (oidc.py)
             "OIDC_AUDIENCE": "faasci",

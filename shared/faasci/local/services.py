@@ -1,12 +1,15 @@
-"""The real servers of the local stack: NATS with JetStream, SeaweedFS's S3 gateway, and
-OpenFaaS's cron-connector when its binary is available."""
+"""The real servers of the local stack: NATS with JetStream, SeaweedFS's S3 gateway, the
+image registry (Distribution's docker-registry), and OpenFaaS's cron-connector when its
+binary is available."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import requests
+import yaml
 
 from ..audit import STREAM as AUDIT_STREAM
 from . import processes
@@ -119,6 +122,49 @@ def start_s3(cfg: LocalConfig, env: dict[str, str]) -> bool:
     (cfg.data / "s3").mkdir(parents=True, exist_ok=True)
     processes.start(cfg.run, "s3", s3_argv(cfg), cfg.logs / "s3.log", env, cwd=cfg.data / "s3")
     processes.wait_until(lambda: s3_ready(cfg), 60, "SeaweedFS S3")
+    return True
+
+
+def write_registry_config(cfg: LocalConfig) -> None:
+    """docker-registry's configuration: plain HTTP on 127.0.0.1 only (Podman is told it is
+    insecure, engine.py), images on disk under data/, deleting manifests allowed."""
+    config = {
+        "version": 0.1,
+        "log": {"level": "info"},
+        "storage": {
+            "filesystem": {"rootdirectory": str(cfg.data / "registry")},
+            "delete": {"enabled": True},
+        },
+        # A fixed secret: it signs upload state, and there is only this one instance.
+        "http": {"addr": cfg.registry, "secret": "faasci-local-registry"},
+        # /v2/ answers 503 once the storage has failed three checks in a row.
+        "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
+    }
+    path = cfg.run / "registry.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def registry_argv(cfg: LocalConfig) -> list[str]:
+    binary = shutil.which("docker-registry")  # Debian's package, not pip's: not beside Python
+    if not binary:
+        raise SystemExit("docker-registry is not installed; run ./scripts/install")
+    return [binary, "serve", str(cfg.run / "registry.yml")]
+
+
+def registry_ready(cfg: LocalConfig) -> bool:
+    return requests.get(f"http://{cfg.registry}/v2/", timeout=2).status_code == 200
+
+
+def start_registry(cfg: LocalConfig, env: dict[str, str]) -> bool:
+    if processes.pid_of(cfg.run, "registry"):
+        return False
+    (cfg.data / "registry").mkdir(parents=True, exist_ok=True)
+    write_registry_config(cfg)
+    # REGISTRY_<SECTION>_<KEY> variables override the configuration file: none gets through.
+    env = {k: v for k, v in env.items() if not k.startswith("REGISTRY_")}
+    processes.start(cfg.run, "registry", registry_argv(cfg), cfg.logs / "registry.log", env)
+    processes.wait_until(lambda: registry_ready(cfg), 30, "the image registry")
     return True
 
 
