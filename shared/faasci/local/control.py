@@ -264,13 +264,9 @@ def down(cfg: LocalConfig, say=print) -> None:
     stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
     if killed := kill_stale(cfg):  # left by a gateway that was killed
         stopped.append(f"{killed} function processes")
-    if removed := remove_containers(cfg):  # those a gateway killed mid-stop left behind
+    # Those a gateway killed mid-stop left behind; this stops the engine's service too.
+    if removed := remove_containers(cfg):
         stopped.append(f"{removed} containers")
-    from .engine import Engine
-
-    engine = Engine.for_stack(cfg)  # its own (in the stack's home), not a shared folder's
-    if engine.folder.is_relative_to(cfg.home.resolve()) and engine.stop():
-        stopped.append("the container engine")
     say(f"stopped {', '.join(stopped)}" if stopped else "faas-ci was not running")
 
 
