@@ -84,7 +84,7 @@ class LiveLog:
 
     with live: ...the commands run...   (a thread uploads every FLUSH_S)
     final = live.finish()                (a local file: the capped, masked log to store)
-    ...put `final` at `key` with live.metadata()...; live.discard()
+    ...put `final` at `key` with live.metadata()...; discard_parts(key)
 
     Uploading parts is best effort: while S3 refuses, parts wait on the local disk (the
     tail's are bounded by the cap), and the attempt goes on."""
@@ -114,8 +114,6 @@ class LiveLog:
     @property
     def store(self):
         if self._store is None:
-            from .services import objects
-
             self._store = objects()
         return self._store
 
@@ -242,9 +240,6 @@ class LiveLog:
         """The final object's metadata: where its head ends and its tail starts, so a
         follower that read parts goes on at the right place."""
         return dict(self._meta)
-
-    def discard(self) -> None:
-        discard_parts(self.key, self.store)
 
 
 def discard_parts(key: str, store=None) -> None:

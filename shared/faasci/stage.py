@@ -90,7 +90,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         # Streamed to S3 while the commands write it (masked, capped: faasci.logs.LiveLog).
         live = LiveLog(log_file, log_key(run_id, stage, number), held.masker)
         with log_file.open("wb") as out, stage_secrets.in_use(held), live:
-            outcome, reason, error, cache_report = _run_commands(
+            outcome, reason, error, cache_report, image = _run_commands(
                 run, stage, number, workdir, out, watcher, held
             )
         log_file, tail = live.finish(), live.tail  # the whole log, masked and capped
@@ -101,7 +101,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         kept = spool.Kept(workdir.name, log_file, {
             "run_id": run_id, "stage": stage, "attempt": number, "exit_code": outcome.exit_code,
             "cancelled": outcome.cancelled, "reason": reason, "error": error,
-            "cache": cache_report, "image": watcher.image,
+            "cache": cache_report, "image": image,
             "log_metadata": live.metadata()})  # fmt: skip
         remove_tree(workdir)
         run, following, reason, error, link = store_result(kept)
@@ -144,7 +144,6 @@ class Watcher(threading.Thread):
         super().__init__(name=f"watch-{run_id}-{stage}", daemon=True)
         self.run_id, self.stage, self.number = run_id, stage, number
         self.stop_commands = threading.Event()
-        self.image: str | None = None  # what the build stage pushed (repository@sha256:…)
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -177,25 +176,26 @@ class Watcher(threading.Thread):
 def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher,
                   given: stage_secrets.StageSecrets | None = None):  # fmt: skip
     """Check out, restore or set up the dependencies, run the commands in the stage's
-    sandbox (with the stage's secrets: `given`). Returns (outcome, failure reason or None,
-    error line or None, cache report or None)."""
+    sandbox (with the stage's secrets: `given`), then build the image (`docker`). Returns
+    (outcome, failure reason or None, error line or None, cache report or None, the pushed
+    image's reference or None)."""
     spec = run.pipeline.stages[stage]
     image = run.image if spec.image == BUILT else spec.image
     if spec.image == BUILT and not image:
         out.write(b"[faas-ci] image: built, but no build stage of this run pushed one\n")
-        return shell.Outcome(exit_code=None), "exit", "no image was built in this run", None
+        return shell.Outcome(exit_code=None), "exit", "no image was built in this run", None, None
     box = (ImageSandbox(workdir, run.path, image=image) if image
            else Sandbox(workdir, run.path))  # fmt: skip
     try:
         git.checkout(run.source, run.commit, box.src)
     except git.GitError as e:
         out.write(f"[faas-ci] {e}\n".encode())
-        return shell.Outcome(exit_code=None), "infra", str(e), None
+        return shell.Outcome(exit_code=None), "infra", str(e), None, None
     out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}"
               f"{f' in {spec.image}' if spec.image else ''}\n".encode())  # fmt: skip
     if given and given.error:  # named by path, never by value
         out.write(f"[faas-ci] {given.error}\n".encode())
-        return shell.Outcome(exit_code=None), given.reason, given.error, None
+        return shell.Outcome(exit_code=None), given.reason, given.error, None, None
     report = None
     try:
         env = _command_env(run, stage, number, box)
@@ -216,25 +216,26 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
                 )  # fmt: skip
     except OSError as e:
         out.write(f"[faas-ci] cannot run commands: {e}\n".encode())
-        return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report
+        return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report, None
     report = report and report.model_dump()
     if box.failed():
-        return outcome, "infra", "the stage sandbox could not be set up (see the log)", report
+        return outcome, "infra", "the stage sandbox could not be set up (see the log)", report, None
     if outcome.cancelled:
-        return outcome, "cancelled", "cancelled while running", report
+        return outcome, "cancelled", "cancelled while running", report, None
     if outcome.timed_out:
         return (outcome, "timeout", f"timed out after {spec.timeout}s in {outcome.command!r}",
-                report)  # fmt: skip
+                report, None)  # fmt: skip
     if outcome.exit_code:
-        return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report
+        return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report, None
     if spec.docker:  # the commands passed: now the image (faasci.images)
-        return (*_build_image(run, spec, box, out, watcher), report)
-    return outcome, None, None, report
+        outcome, reason, error, image = _build_image(run, spec, box, out, watcher)
+        return outcome, reason, error, report, image
+    return outcome, None, None, report, None
 
 
 def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher):
-    """Build and push the service's image: (outcome, reason, error), the pushed image
-    reference kept on the watcher for the record."""
+    """Build and push the service's image: (outcome, reason, error, the pushed image's
+    reference or None)."""
     repository = images.repository_for(run.service, spec.docker)
     try:
         pushed = images.build_and_push(spec.docker, box.src / run.path, repository, run.commit,
@@ -247,9 +248,8 @@ def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher):
             cancelled=e.reason == "cancelled",
             command="docker build",
         )
-        return failed, e.reason, str(e)
-    watcher.image = pushed.ref
-    return shell.Outcome(exit_code=0), None, None
+        return failed, e.reason, str(e), None
+    return shell.Outcome(exit_code=0), None, None, pushed.ref
 
 
 def _dependencies(

@@ -57,7 +57,7 @@ def test_parts_stream_while_written_and_the_final_log_is_whole(store, key, tmp_p
     assert live.tail.endswith("second\n")
     assert live.metadata()["head"] == str(len(final.read_bytes()))
     store.put_file(key, final, metadata=live.metadata())
-    live.discard()
+    logs.discard_parts(key, store)
     assert parts_of(store, key) == {}
 
 
@@ -123,7 +123,7 @@ def test_a_follower_goes_on_in_the_final_object_where_the_parts_left_off(store, 
             time.sleep(0.05)
     final = live.finish()
     store.put_file(key, final, metadata=live.metadata())
-    live.discard()
+    logs.discard_parts(key, store)
     running.clear()
     follower.join(10)
     followed = b"".join(got)
