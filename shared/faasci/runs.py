@@ -185,7 +185,7 @@ def finish(
     log: str | None = None,
     log_key: str | None = None,
     cache: dict | None = None,
-    image: str | None = None,
+    delivered: dict | None = None,
 ) -> Next:
     """Record the end of an attempt and decide what follows: the next stage, a retry after
     its back-off, or the end of the run."""
@@ -196,8 +196,10 @@ def finish(
     attempt.status = status
     attempt.exit_code, attempt.reason, attempt.error = exit_code, reason, error
     attempt.log, attempt.log_key, attempt.cache = log, log_key, cache
-    if image and status == "passed":
-        attempt.image = run.image = image
+    for name, value in (delivered or {}).items():  # what the stage's delivery step did
+        setattr(attempt, name, value)
+    if attempt.image and status == "passed":
+        run.image = attempt.image
     attempt.finished_at = now()
     attempt.duration_s = _seconds(attempt.started_at, attempt.finished_at)
     if run.finished:  # cancelled meanwhile: record the attempt, start nothing

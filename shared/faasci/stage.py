@@ -27,6 +27,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         # Streamed to S3 while the commands write it (masked, capped: faasci.logs.LiveLog).
         live = LiveLog(log_file, log_key(run_id, stage, number), held.masker)
         with log_file.open("wb") as out, stage_secrets.in_use(held), live:
-            outcome, reason, error, cache_report, image = _run_commands(
+            outcome, reason, error, cache_report, delivered = _run_commands(
                 run, stage, number, workdir, out, watcher, held
             )
         log_file, tail = live.finish(), live.tail  # the whole log, masked and capped
@@ -101,7 +102,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         kept = spool.Kept(workdir.name, log_file, {
             "run_id": run_id, "stage": stage, "attempt": number, "exit_code": outcome.exit_code,
             "cancelled": outcome.cancelled, "reason": reason, "error": error,
-            "cache": cache_report, "image": image,
+            "cache": cache_report, "delivered": delivered,
             "log_metadata": live.metadata()})  # fmt: skip
         remove_tree(workdir)
         run, following, reason, error, link = store_result(kept)
@@ -129,9 +130,10 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         "retry_in_s": following.delay_s if following.stage == stage else None,
         "cache": cache_report,
         "image": run.stage(stage).attempts[number - 1].image,
+        **delivered,
         "run_status": run.status,
     }
-    if stage in COMMANDS_ONLY and not result["image"]:
+    if stage in COMMANDS_ONLY and not delivered:
         result["note"] = COMMANDS_ONLY[stage]
     return result
 
@@ -176,26 +178,26 @@ class Watcher(threading.Thread):
 def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher: Watcher,
                   given: stage_secrets.StageSecrets | None = None):  # fmt: skip
     """Check out, restore or set up the dependencies, run the commands in the stage's
-    sandbox (with the stage's secrets: `given`), then build the image (`docker`). Returns
-    (outcome, failure reason or None, error line or None, cache report or None, the pushed
-    image's reference or None)."""
+    sandbox (with the stage's secrets: `given`), then the stage's delivery step (`_deliver`).
+    Returns (outcome, failure reason or None, error line or None, cache report or None,
+    what the delivery step records on the attempt: {} when the stage has none)."""
     spec = run.pipeline.stages[stage]
     image = run.image if spec.image == BUILT else spec.image
     if spec.image == BUILT and not image:
         out.write(b"[faas-ci] image: built, but no build stage of this run pushed one\n")
-        return shell.Outcome(exit_code=None), "exit", "no image was built in this run", None, None
+        return shell.Outcome(exit_code=None), "exit", "no image was built in this run", None, {}
     box = (ImageSandbox(workdir, run.path, image=image) if image
            else Sandbox(workdir, run.path))  # fmt: skip
     try:
         git.checkout(run.source, run.commit, box.src)
     except git.GitError as e:
         out.write(f"[faas-ci] {e}\n".encode())
-        return shell.Outcome(exit_code=None), "infra", str(e), None, None
+        return shell.Outcome(exit_code=None), "infra", str(e), None, {}
     out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}"
               f"{f' in {spec.image}' if spec.image else ''}\n".encode())  # fmt: skip
     if given and given.error:  # named by path, never by value
         out.write(f"[faas-ci] {given.error}\n".encode())
-        return shell.Outcome(exit_code=None), given.reason, given.error, None, None
+        return shell.Outcome(exit_code=None), given.reason, given.error, None, {}
     report = None
     try:
         env = _command_env(run, stage, number, box)
@@ -216,26 +218,42 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
                 )  # fmt: skip
     except OSError as e:
         out.write(f"[faas-ci] cannot run commands: {e}\n".encode())
-        return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report, None
+        return shell.Outcome(exit_code=None), "infra", f"cannot run commands: {e}", report, {}
     report = report and report.model_dump()
     if box.failed():
-        return outcome, "infra", "the stage sandbox could not be set up (see the log)", report, None
+        return outcome, "infra", "the stage sandbox could not be set up (see the log)", report, {}
     if outcome.cancelled:
-        return outcome, "cancelled", "cancelled while running", report, None
+        return outcome, "cancelled", "cancelled while running", report, {}
     if outcome.timed_out:
         return (outcome, "timeout", f"timed out after {spec.timeout}s in {outcome.command!r}",
-                report, None)  # fmt: skip
+                report, {})  # fmt: skip
     if outcome.exit_code:
-        return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report, None
-    if spec.docker:  # the commands passed: now the image (faasci.images)
-        outcome, reason, error, image = _build_image(run, spec, box, out, watcher)
-        return outcome, reason, error, report, image
-    return outcome, None, None, report, None
+        return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report, {}
+    done = _deliver(run, stage, spec, box, out, watcher)  # the commands passed
+    return done.outcome, done.reason, done.error, report, done.record
 
 
-def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher):
-    """Build and push the service's image: (outcome, reason, error, the pushed image's
-    reference or None)."""
+@dataclass
+class Delivered:
+    """What a stage's delivery step did: its outcome, why it failed, and the fields it sets
+    on the attempt's record (runs.Attempt: image, …)."""
+
+    outcome: shell.Outcome = field(default_factory=lambda: shell.Outcome(exit_code=0))
+    reason: str | None = None
+    error: str | None = None
+    record: dict = field(default_factory=dict)
+
+
+def _deliver(run: Run, stage: str, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
+    """The step a stage takes once its commands pass: the build stage builds and pushes
+    the image (`docker`). A stage without one delivers nothing."""
+    if stage == "build" and spec.docker:
+        return _build_image(run, spec, box, out, watcher)
+    return Delivered()
+
+
+def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
+    """Build and push the service's image (faasci.images)."""
     repository = images.repository_for(run.service, spec.docker)
     try:
         pushed = images.build_and_push(spec.docker, box.src / run.path, repository, run.commit,
@@ -248,8 +266,8 @@ def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher):
             cancelled=e.reason == "cancelled",
             command="docker build",
         )
-        return failed, e.reason, str(e), None
-    return shell.Outcome(exit_code=0), None, None, pushed.ref
+        return Delivered(failed, e.reason, str(e))
+    return Delivered(record={"image": pushed.ref})
 
 
 def _dependencies(
@@ -362,7 +380,7 @@ def store_result(kept: spool.Kept) -> tuple[Run, Next, str | None, str | None, s
         run_id, stage, number, until,
         lambda r: runs.finish(r, stage, number, status=status, exit_code=done["exit_code"],
                               reason=reason, error=error, log=link, log_key=key,
-                              cache=done["cache"], image=done.get("image")),
+                              cache=done["cache"], delivered=done.get("delivered")),
     )  # fmt: skip
     return run, following, reason, error, link
 
