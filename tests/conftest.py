@@ -134,14 +134,19 @@ def corpus_repo(name: str, parent: Path, as_name: str | None = None) -> Path:
     return repo
 
 
-@pytest.fixture
-def sample_repo(tmp_path) -> Path:
-    """A committed copy of examples/sample-service as a repository of its own."""
-    repo = tmp_path / "sample-service"
+def copy_sample(parent: Path) -> Path:
+    """A committed copy of examples/sample-service as a repository of its own, in `parent`."""
+    repo = parent / "sample-service"
     shutil.copytree(SAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", ".*_cache"))
     git(repo, "init", "--quiet", "--initial-branch=main")
     commit_all(repo, "sample service")
     return repo
+
+
+@pytest.fixture
+def sample_repo(tmp_path) -> Path:
+    """A committed copy of examples/sample-service as a repository of its own."""
+    return copy_sample(tmp_path)
 
 
 # FAASCI_TEST_PORT_OFFSET moves every port (and the test stack's folder) a test session
@@ -165,6 +170,8 @@ def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
         "FAASCI_VAULT_PORT": str(gateway + 120 + PORT_OFFSET),
         # The registry as 5000 is to 8080: 25000 for 28080 (26000-28000 for the e2e stacks).
         "FAASCI_REGISTRY_PORT": str(gateway - 3080 + PORT_OFFSET),
+        # git daemon as 9418 is to 8080: 29418 for 28080.
+        "FAASCI_GIT_PORT": str(gateway + 1338 + PORT_OFFSET),
     }
 
 
@@ -406,3 +413,71 @@ def webhook(stack, client_settings):
 
     send.secret = secret
     return send
+
+
+# GitOps: environment repositories served over a real git remote (git daemon on 127.0.0.1).
+
+ENV_FILES = {
+    "staging/values.yaml": "# Helm values of staging\nreplicaCount: 1\nimage:\n"
+    "  repository: registry.invalid/placeholder  # set by faas-ci\n  pullPolicy: IfNotPresent\n",
+    "production/kustomization.yaml": "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+    "kind: Kustomization\nresources:\n  - deployment.yaml\nimages:\n  - name: placeholder\n"
+    "    newTag: latest\n",
+    "production/deployment.yaml": "# the manifests kustomize renders\n",
+}
+
+
+@pytest.fixture(scope="session")
+def git_daemon(tmp_path_factory):
+    """The real `git daemon` serving every bare repository under its base folder, pushes
+    allowed (receive-pack), on a free port of 127.0.0.1: (base folder, URL prefix)."""
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    base = tmp_path_factory.mktemp("git-daemon")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = subprocess.Popen(
+        ["git", "daemon", "--export-all", "--enable=receive-pack", "--reuseaddr",
+         "--informative-errors", f"--base-path={base}", "--listen=127.0.0.1", f"--port={port}",
+         str(base)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        assert daemon.poll() is None and time.monotonic() < deadline, "git daemon did not start"
+        time.sleep(0.05)
+    yield SimpleNamespace(base=base, url=f"git://127.0.0.1:{port}")
+    daemon.terminate()
+    daemon.wait(timeout=10)
+
+
+def new_env_repo(daemon, name: str, files: dict[str, str] | None = None):
+    """A bare repository `name` served by `daemon`, its branch main holding `files`
+    (ENV_FILES by default); force pushes refused and every update of main logged, so a
+    test can tell the history only ever moved forward. (URL, bare repository path)."""
+    from types import SimpleNamespace
+
+    seed = daemon.base / f".seed-{name}"
+    for rel, text in (ENV_FILES if files is None else files).items():
+        (seed / rel).parent.mkdir(parents=True, exist_ok=True)
+        (seed / rel).write_text(text)
+    git(seed, "init", "--quiet", "--initial-branch=main")
+    commit_all(seed, "environments")
+    bare = daemon.base / name
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(seed), str(bare)], check=True)
+    shutil.rmtree(seed)
+    git(bare, "config", "receive.denyNonFastForwards", "true")
+    git(bare, "config", "core.logAllRefUpdates", "always")
+    return SimpleNamespace(url=f"{daemon.url}/{name}", path=bare)
+
+
+@pytest.fixture
+def env_repo(git_daemon):
+    """A fresh environment repository (staging Helm values, a production kustomization)
+    served by the real git daemon: `.url` (git://127.0.0.1:PORT/…), `.path` (the bare repo)."""
+    import uuid
+
+    return new_env_repo(git_daemon, f"envs-{uuid.uuid4().hex[:8]}.git")

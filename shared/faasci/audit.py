@@ -16,7 +16,7 @@ the entries of one run are read without scanning the rest.
 
 Entries (JSON): time (UTC ISO 8601), actor ("user:alice", "function:unit", "github:octocat",
 "scheduler:cron-connector", "system"), action (run.start, run.cancel, stage.retry,
-cache.purge, secrets.rotate, secrets.write, approval, ...), repo, ref, commit, run, detail.
+cache.purge, secrets.rotate, secrets.write, run.approve, ...), repo, ref, commit, run, detail.
 """
 
 from __future__ import annotations

@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=3600, help="seconds to follow (default 3600)")
     c = command("cancel", cmd_cancel, "cancel a run: its running stage is killed")
     c.add_argument("run")
+    c = command("approve", cmd_approve, "approve the promotion a run waits for (admins)")
+    c.add_argument("run")
     c = command("logs", cmd_logs, "print the logs of a run's stages")
     c.add_argument("run")
     c.add_argument("stage", nargs="?")
@@ -140,6 +142,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--since", help="an ISO 8601 time or a duration back from now: 30m, 1h, 2d")
     c.add_argument("--run", help="only the entries of this run")
     c.add_argument("--limit", type=int, default=1000, help="the newest this many (default 1000)")
+    c.add_argument("--json", action="store_true")
+    c = command(
+        "graph",
+        cmd_graph,
+        "the services' dependency graph: what each depends on, and its dependents",
+    )
     c.add_argument("--json", action="store_true")
     c = command("secrets", cmd_secrets, "stage secrets of a repository, and the platform's")
     c.add_argument("action", choices=["put", "ls", "rotate", "show-webhook"],
@@ -358,6 +366,9 @@ def failure_report(run: dict, stage: dict, gw: Gateway) -> list[str]:
     ]
     if last.get("error") and last["error"] not in why:
         lines.append(f"  error: {last['error']}")
+    if (scanned := last.get("scan") or {}).get("report"):  # the Trivy gate's, in S3
+        lines.append(f"  scan report: s3://{scanned.get('bucket')}/{scanned['report']} "
+                     f"(image {scanned['image']})")  # fmt: skip
     tail = last.get("log_tail") or log_tail(gw, run["id"], stage["name"], last["number"])
     if tail:
         shown = tail.rstrip("\n").splitlines()[-TAIL_LINES:]
@@ -664,6 +675,12 @@ def cmd_show(args) -> int:
     print(f"repo: {run['repo']}")
     if run.get("image"):  # what the build stage pushed, by digest
         print(f"image: {run['image']}")
+    for line in delivery_lines(run):
+        print(line)
+    approval = run.get("approval") or {}
+    if approval and not approval.get("by") and run["status"] == "running":
+        print(f"waiting for an admin's approval to promote to {approval['environment']}: "
+              f"faasci approve {run['id']}")  # fmt: skip
     Console().print(stages_table(run))
     if run["status"] == "failed":
         gw = gateway()
@@ -673,9 +690,41 @@ def cmd_show(args) -> int:
     return 0
 
 
+def delivery_lines(run: dict) -> list[str]:
+    """Where the run's image went: the environment it was promoted to, the target it was
+    rolled out on (from the last attempts' records)."""
+    last = {s["name"]: s["attempts"][-1] for s in run["stages"] if s["attempts"]}
+    lines = []
+    promotion = (last.get("promote") or {}).get("promotion") or {}
+    if promotion.get("environment"):
+        change = (f"commit {promotion['commit'][:12]}" if promotion.get("commit")
+                  else "already there, no commit")  # fmt: skip
+        lines.append(f"promoted: {promotion['environment']} ({promotion['file']} in "
+                     f"{promotion['repository']}, {change})")  # fmt: skip
+    deployment = (last.get("deploy") or {}).get("deployment") or {}
+    if deployment.get("target"):
+        name = deployment.get("function") or deployment.get("application")
+        if deployment.get("rolled_back_to"):
+            state = f"unhealthy, rolled back to {deployment['rolled_back_to']}"
+        elif deployment.get("healthy_after_s") is not None:
+            state = f"healthy after {deployment['healthy_after_s']} s"
+        else:
+            state = "not healthy"
+        lines.append(f"deployed: {deployment['target']} {name}, {state}")
+    return lines
+
+
 def cmd_cancel(args) -> int:
     run = answer(gateway().call("runs", path=f"{args.run}/cancel"))
     err.print(f"run {run['id']} {run['status']}")
+    return 0
+
+
+def cmd_approve(args) -> int:
+    run = answer(gateway().call("runs", path=f"{args.run}/approve"))
+    approval = run.get("approval") or {}
+    err.print(f"run {run['id']}: promotion to {approval.get('environment')} approved by "
+              f"{approval.get('by')}")  # fmt: skip
     return 0
 
 
@@ -762,6 +811,14 @@ def cmd_audit(args) -> int:
                       e.get("repo") or "", e.get("ref") or "", (e.get("commit") or "")[:12],
                       e.get("run") or "", detail)  # fmt: skip
     Console().print(table)
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from .downstream import render
+
+    graph = answer(gateway().call("runs", method="GET", path="graph"))
+    print(json.dumps(graph, indent=2) if args.json else render(graph))
     return 0
 
 

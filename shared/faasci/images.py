@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import requests
+
 from .pipeline import DockerBuild
+from .registry import Registry
 from .settings import settings
 
 log = logging.getLogger("faasci.images")
@@ -54,6 +57,21 @@ def repository_for(service: str, spec: DockerBuild) -> str:
         return spec.repository
     registry = settings().registry.rstrip("/")
     return f"{registry}/{service.lower()}"
+
+
+def pushed_for(service: str, spec: DockerBuild, commit: str) -> str | None:
+    """The image an earlier build of `commit` pushed (tagged with it), by digest: what a
+    one-stage run of a later stage (integration, promote, deploy) acts on. None when there is
+    none, or the registry cannot say (the stage then says no image was built)."""
+    repository = repository_for(service, spec)
+    host, _, name = repository.partition("/")
+    local = host.partition(":")[0] in ("127.0.0.1", "localhost")  # plain HTTP, as pushed
+    try:
+        digest = Registry(f"{'http' if local else 'https'}://{host}").digest_of(name, commit)
+    except (requests.RequestException, KeyError) as e:
+        log.warning("looking up %s:%s failed: %s", repository, commit[:12], e)
+        return None
+    return f"{repository}@{digest}" if digest else None
 
 
 def build_and_push(spec: DockerBuild, service_dir: Path, repository: str, tag: str,

@@ -31,21 +31,15 @@ from pydantic import (
 
 from . import STAGES, defaults
 from .defaults import FILENAME, Reader
+from .downstream import DependsOn
 from .errors import Unprocessable
+from .fields import EnvValue
+from .gitops import GitOpsSpec
+from .rollout import ArgoCDTarget, OpenFaaSTarget, check_stage
+from .scan import ScanSpec
 
 RetryReason = Literal["exit", "timeout", "infra"]
 BUILT = "built"  # a stage's `image:` meaning the image this run's build stage pushed
-
-
-def _scalar(value):
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str | int | float):
-        return str(value)
-    raise ValueError("must be a string, a number or a boolean")
-
-
-EnvValue = Annotated[str, BeforeValidator(_scalar)]
 
 
 class Backoff(BaseModel):
@@ -171,7 +165,17 @@ class StageSpec(BaseModel):
     # The build stage only: build and push the service's image (see DockerBuild), after
     # the commands. `image: built` on a later stage runs its commands in that image.
     docker: DockerBuild | None = None
-    # The commands; a stage that builds an image (`docker`) may have none.
+    # The Trivy gate on that image (faasci.scan): on whenever `docker` is set; `false` or
+    # its options (max_cvss, ignore, secrets) turn it off or tune it.
+    scan: ScanSpec | None = None
+    # The deploy stage only: roll the run's image out to exactly one target and wait until
+    # it is healthy (faasci.rollout).
+    openfaas: OpenFaaSTarget | None = None
+    argocd: ArgoCDTarget | None = None
+    # The promote stage only: write the run's image into an environment repository
+    # (faasci.gitops).
+    gitops: GitOpsSpec | None = None
+    # The commands; a stage that builds an image (`docker`) or rolls out may have none.
     run: list[Annotated[str, Field(min_length=1)]] = Field(default=[], validate_default=True)
     # Strict: YAML's `true` is not a number of seconds or of retries.
     timeout: int = Field(default=600, gt=0, le=6 * 3600, strict=True, description="seconds")
@@ -198,9 +202,19 @@ class StageSpec(BaseModel):
     @field_validator("run")
     @classmethod
     def _commands_or_an_image(cls, run, info: ValidationInfo):
-        if not run and not info.data.get("docker"):
-            raise ValueError("a stage needs at least one command (or, to build, `docker`)")
+        delivers = ("docker", "openfaas", "argocd", "gitops")
+        if not run and not any(info.data.get(k) for k in delivers):
+            raise ValueError("a stage needs at least one command (or, to build, `docker`; "
+                             "to deploy, `openfaas` or `argocd`; to promote, "
+                             "`gitops`)")  # fmt: skip
         return run
+
+    @field_validator("scan")
+    @classmethod
+    def _scan_needs_an_image(cls, scan, info: ValidationInfo):
+        if scan is not None and not info.data.get("docker"):
+            raise ValueError("`scan` applies to the image `docker` builds; this stage has none")
+        return scan
 
     @field_validator("secrets")
     @classmethod
@@ -220,6 +234,9 @@ class Pipeline(BaseModel):
     service: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     env: dict[str, EnvValue] = {}
     cache: CacheSpec | None = None
+    # Packages (as manifests name them) or services this one depends on: when one moves,
+    # this service's integration stage runs against it (faasci.downstream).
+    depends_on: DependsOn = []
     stages: dict[str, StageSpec] = Field(min_length=1)
 
     @field_validator("env")
@@ -240,6 +257,9 @@ class Pipeline(BaseModel):
         for name, spec in stages.items():
             if spec.docker and name != "build":
                 raise ValueError(f"{name}.docker: only the build stage builds an image")
+            if spec.gitops and name != "promote":
+                raise ValueError(f"{name}.gitops: only the promote stage promotes")
+            check_stage(name, spec)  # deploy targets (faasci.rollout)
             if spec.image == BUILT and not (
                 stages.get("build")
                 and stages["build"].docker

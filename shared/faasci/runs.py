@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from .errors import Conflict, NotFound
+from .gitops import Approval
 from .pipeline import Pipeline
 
 RunStatus = Literal["queued", "running", "passed", "failed", "cancelled"]
@@ -50,6 +51,15 @@ class Attempt(BaseModel):
     heartbeat_at: datetime | None = None  # the worker is alive while this keeps moving
     cache: dict | None = None  # what the dependency cache did (faasci.cache.CacheReport)
     image: str | None = None  # the build stage: the image it pushed, repository@sha256:…
+    # The build stage: what the Trivy gate found in that image (faasci.scan.gate: passed,
+    # blocked_by, counts, the SBOM's key and, when blocked, the quarantined report's key).
+    scan: dict | None = None
+    # The promote stage: what it did (faasci.gitops.Promotion: environment, repository, file,
+    # image, commit in the environment repository or None when unchanged, approved_by).
+    promotion: dict | None = None
+    # The deploy stage: what its rollout did (faasci.rollout.Deployment: target, function or
+    # application, image, previous, rolled_back_to, healthy_after_s).
+    deployment: dict | None = None
 
 
 class StageRun(BaseModel):
@@ -98,6 +108,8 @@ class Run(BaseModel):
     # The image the build stage pushed (repository@sha256:…): later stages see it as
     # FAASCI_IMAGE, run in it with `image: built`, and promote it.
     image: str | None = None
+    # A promotion that needs an admin's approval: asked for, then given (faasci.gitops).
+    approval: Approval | None = None
 
     def stage(self, name: str) -> StageRun:
         for stage in self.stages:
@@ -211,6 +223,10 @@ def finish(
         return Next(run_finished=True)
 
     spec = run.pipeline.stages.get(stage_name)
+    # Only exit/timeout/infra can be in retry_on: a reason of a delivery step's own (e.g.
+    # `rollout`, a target that did not become healthy; `promotion`, a GitOps configuration
+    # that cannot work; `approval`, no admin approved in time; `blocked`, an image the Trivy
+    # gate stopped) is never retried.
     if status == "failed" and spec and reason in spec.retry_on and number <= spec.retries:
         delay = spec.backoff.delay(number)
         stage.status = "queued"

@@ -1,11 +1,12 @@
 """The `runs` function's resource: GET / (history), GET /<id> (one run), POST / (start one),
-POST /<id>/cancel (stop one), GET /audit (the audit trail)."""
+POST /<id>/cancel (stop one), POST /<id>/approve (an admin lets a promotion go on),
+GET /audit (the audit trail), GET /graph (the services' dependency graph)."""
 
 from __future__ import annotations
 
 import re
 
-from . import audit, runs
+from . import audit, downstream, gitops, runs
 from .api import Route, json_body, run_id_field, string_field
 from .errors import UserError
 from .services import run_store
@@ -48,6 +49,18 @@ def cancel(event, principal, run_id: str) -> dict:
     return run.model_dump(mode="json")
 
 
+def approve(event, principal, run_id: str) -> dict:
+    """POST /<id>/approve (role admin): approve the promotion the run's promote stage waits
+    for (faasci.gitops); 409 when it waits for none. In the audit trail as run.approve."""
+    run = run_store().get(run_id_field(run_id))  # 404 before anything is recorded
+    gitops.approve(run, principal.actor)  # on a copy: a 409 records nothing
+    audit.record("run.approve", repo=run.repo, ref=run.ref, commit=run.commit, run=run.id,
+                 detail={"environment": run.approval.environment})  # fmt: skip
+    run, _ = run_store().update(run.id, lambda r: gitops.approve(r, principal.actor),
+                                "run.approved")  # fmt: skip
+    return run.model_dump(mode="json")
+
+
 def audit_entries(query) -> dict:
     """GET /audit (role admin: who did what is for administrators): the audit trail, oldest first;
     ?since= (ISO 8601 or 30m/1h/2d/1w), ?run=<id>, ?limit= (the newest that many, <= 10000)."""
@@ -64,14 +77,21 @@ def audit_entries(query) -> dict:
     return {"entries": found}
 
 
+def dependency_graph() -> dict:
+    """GET /graph: the service catalog as a dependency graph (faasci.downstream.graph)."""
+    return downstream.graph(downstream.catalog())
+
+
 SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as pipeline.Pipeline.service
 
 ROUTES = [
     Route("GET", "/", "viewer", history),
     Route("GET", "/audit", "admin", lambda event, principal: audit_entries(event.query)),
+    Route("GET", "/graph", "viewer", lambda event, principal: dependency_graph()),
     Route("GET", "/<run_id>", "viewer", show),
     Route("POST", "/", "runner", start),
     Route("POST", "/<run_id>/cancel", "runner", cancel),
+    Route("POST", "/<run_id>/approve", "admin", approve),
 ]
 
 

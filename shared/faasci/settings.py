@@ -26,6 +26,9 @@ class Settings:
     s3_region: str = "us-east-1"
     bucket: str = "faasci"
     registry: str = "127.0.0.1:5000"  # where build stages push images: host[:port][/prefix]
+    # The platform's environment repository: where a promote stage's `gitops` writes when it
+    # names no `repository` of its own.
+    gitops_repository: str = ""
     secrets_dir: Path = Path(OPENFAAS_SECRETS_DIR)
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "faasci-work")
     snapshots_dir: Path | None = (
@@ -64,6 +67,7 @@ class Settings:
             s3_region=env.get("S3_REGION", defaults.s3_region),
             bucket=env.get("S3_BUCKET", defaults.bucket),
             registry=env.get("FAASCI_REGISTRY", defaults.registry).rstrip("/"),
+            gitops_repository=env.get("FAASCI_GITOPS_REPOSITORY", defaults.gitops_repository),
             secrets_dir=Path(env.get("FAASCI_SECRETS_DIR", OPENFAAS_SECRETS_DIR)),
             workdir=Path(env["FAASCI_WORKDIR"]) if env.get("FAASCI_WORKDIR") else defaults.workdir,
             snapshots_dir=Path(env["FAASCI_SNAPSHOTS"]) if env.get("FAASCI_SNAPSHOTS") else None,

@@ -34,10 +34,14 @@ from pathlib import Path
 from . import (
     audit,
     cache,
+    downstream,
     git,
+    gitops,
     images,
     invalidation,
+    rollout,
     runs,
+    scan,
     services,
     shell,
     spool,
@@ -58,11 +62,12 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 HEARTBEAT_S = 5  # how often a running attempt says it is alive
 LEASE_S = 30  # silence after which its worker counts as lost
 WATCH_S = 1  # how often the watcher looks for a cancel
-# Stages whose integrations (image build, GitOps, rollout) are not wired in yet say so.
+# A delivery stage that only ran commands says what it did not do.
 COMMANDS_ONLY = {
     "build": "ran the configured commands; no image was built (the stage has no `docker`)",
-    "promote": "ran the configured commands; nothing was promoted (GitOps is not integrated yet)",
-    "deploy": "ran the configured commands; nothing was rolled out (not integrated yet)",
+    "promote": "ran the configured commands; nothing was promoted (the stage has no `gitops`)",
+    "deploy": "ran the configured commands; nothing was rolled out (the stage has no "
+    "`openfaas` or `argocd` target)",
 }
 
 
@@ -112,6 +117,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         if kept is not None:
             kept.release()
     hand_on(run_id, following)
+    downstream.after_stage(run, stage)  # a released library: its dependents' integration runs
     recorded = run.stage(stage).attempts[number - 1].status
     log.info("run %s: %s attempt %d %s", run_id, stage, number, recorded)
     result = {
@@ -184,8 +190,9 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
     spec = run.pipeline.stages[stage]
     image = run.image if spec.image == BUILT else spec.image
     if spec.image == BUILT and not image:
-        out.write(b"[faas-ci] image: built, but no build stage of this run pushed one\n")
-        return shell.Outcome(exit_code=None), "exit", "no image was built in this run", None, {}
+        out.write(b"[faas-ci] image: built, but no build of this commit pushed one\n")
+        return (shell.Outcome(exit_code=None), "exit", "no image was built for this commit",
+                None, {})  # fmt: skip
     box = (ImageSandbox(workdir, run.path, image=image) if image
            else Sandbox(workdir, run.path))  # fmt: skip
     try:
@@ -194,7 +201,7 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
         out.write(f"[faas-ci] {e}\n".encode())
         return shell.Outcome(exit_code=None), "infra", str(e), None, {}
     out.write(f"[faas-ci] {run.service} {stage} attempt {number} at {run.commit[:12]}"
-              f"{f' in {spec.image}' if spec.image else ''}\n".encode())  # fmt: skip
+              f"{f' in {image}' if image else ''}\n".encode())  # fmt: skip
     if given and given.error:  # named by path, never by value
         out.write(f"[faas-ci] {given.error}\n".encode())
         return shell.Outcome(exit_code=None), given.reason, given.error, None, {}
@@ -203,7 +210,8 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
         env = _command_env(run, stage, number, box)
         with contextlib.ExitStack() as held:  # the cache entry stays ours while in use
             outcome, commands = shell.Outcome(exit_code=0), list(spec.run)
-            if run.pipeline.cache and spec.cache:
+            # A stage of no commands (one that only delivers) needs no dependencies.
+            if run.pipeline.cache and spec.cache and spec.run:
                 report, outcome = _dependencies(run, spec, box, env, out, watcher, held)
                 commands = [*run.pipeline.cache.prepare, *commands]
             if outcome.passed:
@@ -245,11 +253,48 @@ class Delivered:
 
 
 def _deliver(run: Run, stage: str, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
-    """The step a stage takes once its commands pass: the build stage builds and pushes
-    the image (`docker`). A stage without one delivers nothing."""
+    """The step a stage takes once its commands pass: the build stage builds, pushes and
+    scans the image (`docker`), promote writes it into an environment repository
+    (`gitops`), deploy rolls it out (`openfaas`, `argocd`). Other stages deliver nothing."""
     if stage == "build" and spec.docker:
         return _build_image(run, spec, box, out, watcher)
+    if stage == "deploy" and (spec.openfaas or spec.argocd):
+        return _deploy(run, stage, spec, out, watcher)
+    if stage == "promote" and spec.gitops:
+        return _promote(run, spec, box, out, watcher)
     return Delivered()
+
+
+def _promote(run: Run, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
+    """Write the run's image into the environment repository its ref picks, after an admin's
+    approval where that environment asks for one (faasci.gitops)."""
+
+    def say(line: str) -> None:
+        out.write(f"[faas-ci] {line}\n".encode())
+        out.flush()
+
+    try:
+        done = gitops.run_promotion(run, spec.gitops, spec.timeout, say, watcher.stop_commands,
+                                    scratch=box.attempt)  # fmt: skip
+    except (gitops.PromotionFailed, git.GitError) as e:
+        reason = getattr(e, "reason", "infra")
+        say(str(e))
+        failed = shell.Outcome(exit_code=None, timed_out=reason == "timeout",
+                               cancelled=reason == "cancelled", command="gitops")  # fmt: skip
+        return Delivered(failed, reason, str(e))
+    return Delivered(record={"promotion": done.model_dump(mode="json")})
+
+
+def _deploy(run: Run, stage: str, spec, out, watcher: Watcher) -> Delivered:
+    """Roll the run's image out to the stage's target and wait until it is healthy there
+    (faasci.rollout); its `deployment` is recorded whatever happened."""
+    done = rollout.deploy(run, spec, out, watcher.stop_commands,
+                          lambda: stage_secrets.load(run, stage).values)  # fmt: skip
+    record = rollout.to_record(done)
+    if done.healthy:
+        return Delivered(record=record)
+    failed = shell.Outcome(exit_code=None, cancelled=done.reason == "cancelled", command="deploy")
+    return Delivered(failed, done.reason, done.error, record)
 
 
 def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
@@ -267,7 +312,30 @@ def _build_image(run: Run, spec, box: Sandbox, out, watcher: Watcher) -> Deliver
             command="docker build",
         )
         return Delivered(failed, e.reason, str(e))
-    return Delivered(record={"image": pushed.ref})
+    return _scan_image(run, spec, box, out, watcher, {"image": pushed.ref})
+
+
+def _scan_image(run: Run, spec, box: Sandbox, out, watcher: Watcher, record: dict) -> Delivered:
+    """The Trivy gate on the pushed image (faasci.scan), unless the pipeline turned it off:
+    a blocked image fails the stage as `blocked` (never retried), a scan that cannot run as
+    `infra`."""
+    gate = scan.effective(spec.scan)
+    if not gate.enabled:
+        out.write(b"[faas-ci] scan: false: the image is not scanned\n")
+        return Delivered(record=record)
+    try:
+        found = scan.gate(record["image"], run.service, run.id, run.commit, gate,
+                          box.attempt / "scan", out, min(spec.timeout, scan.SCAN_TIMEOUT_S),
+                          watcher.stop_commands)  # fmt: skip
+    except scan.Blocked as e:
+        return Delivered(shell.Outcome(exit_code=None, command="trivy"), scan.BLOCKED, str(e),
+                         {**record, "scan": e.record})  # fmt: skip
+    except scan.ScanError as e:
+        out.write(f"[faas-ci] {e}\n".encode())
+        failed = shell.Outcome(exit_code=None, timed_out=e.reason == "timeout",
+                               cancelled=e.reason == "cancelled", command="trivy")  # fmt: skip
+        return Delivered(failed, e.reason, str(e), record)
+    return Delivered(record={**record, "scan": found})
 
 
 def _dependencies(

@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from . import audit, git, pipeline, services
+from . import STAGES, audit, downstream, git, images, pipeline, services
 from .errors import Unprocessable
 from .runs import Run, new_run
 from .settings import settings
@@ -24,19 +24,27 @@ def start_run(
     only: str | None = None,
     commit: str | None = None,
     dispatch_first: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Run:
     """Create a run of `repo` at `ref` (or at `commit`, recorded under `ref`).
 
     `only` makes a single-stage run (an HTTP invocation of one stage); `dispatch_first=False`
-    leaves the first stage queued for the caller to execute."""
+    leaves the first stage queued for the caller to execute. `env` adds to the pipeline's
+    (a dependent's run: FAASCI_UPSTREAM, faasci.downstream)."""
     s = settings()
     s.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=s.workdir, prefix="resolve-") as scratch:
         resolved = git.resolve(repo, commit or ref, s.snapshots, scratch=Path(scratch))
         # Inside: a URL's commit is read from the clone in `scratch`.
         spec = pipeline.load(resolved.pipeline_text, resolved.files, resolved.name, resolved.read)
+        entry = downstream.entry_for(spec, resolved, repo, ref if commit and ref else resolved.ref)
+    spec.env.update(env or {})
     if only and only not in spec.stages:
         raise Unprocessable(f"the pipeline of {repo} has no stage {only!r}", field="stage")
+    build = spec.stages.get("build")
+    image = None  # a later stage alone acts on the image this commit's build pushed
+    if only and build and build.docker and STAGES.index(only) > STAGES.index("build"):
+        image = images.pushed_for(spec.service, build.docker, resolved.commit)
     run = new_run(
         spec,
         only=only,
@@ -47,6 +55,7 @@ def start_run(
         path=resolved.path,
         snapshot=resolved.snapshot,
         trigger=trigger,
+        image=image,
     )
     audit.record("run.start", repo=repo, ref=run.ref, commit=run.commit, run=run.id,
                  detail={"trigger": trigger, **({"only": only} if only else {})})  # fmt: skip
@@ -54,6 +63,8 @@ def start_run(
     log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
     if dispatch_first:
         hand_to_first(run.id, run.stages[0].name)  # guarded: never left queued
+    if not only:  # the service catalog (faasci graph), and a push's version bump
+        downstream.on_run_start(run, entry)
     return run
 
 

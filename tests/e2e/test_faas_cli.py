@@ -293,7 +293,7 @@ def test_scale_to_zero_and_back(api, stack):
 @pytest.mark.parametrize(
     "method, route, body, status, field",
     [
-        ("POST", "/functions", {"service": "not-in-stack", "image": "x/y:1"}, 501, "service"),
+        ("POST", "/functions", {"service": "not-in-stack"}, 400, "image"),
         ("PUT", "/functions", {"service": "not-in-stack", "image": "x/y:1"}, 404, "service"),
         ("POST", "/functions", {"service": "unit", "image": "x"}, 409, None),
         ("POST", "/functions", {"service": "Not_A_Name"}, 400, "service"),

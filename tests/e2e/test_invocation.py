@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
 import pytest
-from conftest import ROOT, wait_for_run
+from conftest import ROOT, copy_sample, wait_for_run
 from croniter import croniter
 
 from faasci import STAGES, trigger
@@ -13,23 +13,42 @@ from faasci import stack as stack_file
 from faasci.local.cron import CRON_HEADERS, Scheduler, invoke_through_gateway
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_any_stage_runs_alone_over_http(gateway, sample_repo, stage):
-    """POST /function/<stage> with a repo runs just that stage and answers its result."""
-    resp = gateway.call(stage, {"repo": str(sample_repo), "ref": "main"})
+@pytest.fixture(scope="module")
+def built_alone(gateway, tmp_path_factory, engine_with_base):
+    """One commit of the example, its build stage invoked alone: (repository, its result)."""
+    repo = copy_sample(tmp_path_factory.mktemp("alone"))
+    resp = gateway.call("build", {"repo": str(repo), "ref": "main"})
     assert resp.status_code == 200, resp.text
-    result = resp.json()
-    assert result["stage"] == stage and result["status"] == "passed"
+    return repo, resp.json()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_any_stage_runs_alone_over_http(gateway, built_alone, stage):
+    """POST /function/<stage> with a repo runs just that stage and answers its result; a
+    stage after build acts on the image the commit's build pushed, by digest."""
+    repo, build = built_alone
+    if stage == "build":
+        result = build
+    else:
+        resp = gateway.call(stage, {"repo": str(repo), "ref": "main"})
+        assert resp.status_code == 200, resp.text
+        result = resp.json()
+    assert result["stage"] == stage and result["status"] == "passed", result["log_tail"]
     assert result["exit_code"] == 0 and result["duration_s"] > 0
     assert result["next"] is None and result["run_status"] == "passed"
     assert urlparse(result["log"]).path.endswith(f"/{stage}/1")
     assert "[faas-ci]" in result["log_tail"]
     log = gateway.call("pipeline-log", method="GET", path=f"{result['run_id']}/{stage}/1")
     assert log.status_code == 200 and log.text.endswith(result["log_tail"])
-    if stage == "build":  # the sample's build stage has commands, no `docker`
-        assert "no image was built" in result["note"] and result["image"] is None
-    if stage in ("promote", "deploy"):
-        assert "not integrated yet" in result["note"]
+    image = build["image"]
+    assert "@sha256:" in image and "note" not in result
+    if stage == "integration":
+        assert f"in {image}" in log.text
+    if stage == "promote":
+        assert result["promotion"]["environment"] == "staging"
+        assert result["promotion"]["image"] == image
+    if stage == "deploy":
+        assert result["deployment"]["image"] == image
 
 
 def test_stage_continues_an_existing_run(gateway, client_settings, sample_repo):
@@ -73,7 +92,7 @@ def test_cron_schedule_from_the_annotations_fires(stack, gateway):
     schedules = {n: f.schedule for n, f in stack_file.load(ROOT / "stack.yml").functions.items()
                  if f.schedule}  # fmt: skip
     assert schedules == {"webhook": "0 2 * * *", "cache-invalidator": "30 3 * * *",
-                         "secrets": "0 4 */2 * *"}  # fmt: skip
+                         "secrets": "0 4 */2 * *", "registry-retention": "0 5 * * *"}  # fmt: skip
     clock = [datetime(2026, 1, 1, 1, 59, tzinfo=UTC)]
     fired = []
     scheduler = Scheduler(schedules, fired.append, now=lambda: clock[0])
@@ -101,9 +120,11 @@ def test_async_invocation_answers_202_and_calls_back(gateway, sample_repo, callb
 
 
 def test_system_functions_lists_the_stack(gateway):
-    """/system/functions lists every function of stack.yml, ready, with its annotations."""
+    """/system/functions lists every function of stack.yml, ready, with its annotations
+    (and whatever deploy stages deployed beside them)."""
     listed = {f["name"]: f for f in gateway.session.get(f"{gateway.url}/system/functions").json()}
-    assert set(listed) == {"webhook", "runs", "pipeline-log", "timers", "notifier",
-                           "cache-invalidator", "secrets", *STAGES}  # fmt: skip
-    assert all(f["availableReplicas"] == 1 for f in listed.values())
+    ours = {"webhook", "runs", "pipeline-log", "timers", "notifier", "cache-invalidator",
+            "secrets", "registry-retention", *STAGES}  # fmt: skip
+    assert ours <= set(listed)
+    assert all(listed[name]["availableReplicas"] == 1 for name in ours)
     assert listed["webhook"]["annotations"]["topic"] == "cron-function"

@@ -269,13 +269,14 @@ stages:
 
 
 def test_up_starts_a_dead_nats_or_s3_under_a_live_gateway(other_stack, make_repo):
-    """NATS killed, then S3, then the registry: `faasci status` names the dead part and
-    exits 1; `faasci up` starts it without restarting the gateway, and runs pass again."""
+    """NATS killed, then S3, the registry, git daemon: `faasci status` names the dead part
+    and exits 1; `faasci up` starts it without restarting the gateway, and runs pass again."""
     repo = make_repo({".faasci.yml": 'service: heal\nstages:\n  lint: {run: ["true"]}\n'})
     assert faasci(other_stack, "up").returncode == 0
     run_dir = Path(other_stack["FAASCI_HOME"]) / "run"
     gateway = processes.pid_of(run_dir, "gateway")
-    for part, said in (("nats", "NATS"), ("s3", "S3"), ("registry", "image registry")):
+    for part, said in (("nats", "NATS"), ("s3", "S3"), ("registry", "image registry"),
+                       ("git", "environment repository")):  # fmt: skip
         pid = processes.pid_of(run_dir, part)
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda pid=pid: not processes.alive(pid), 5, f"{part} did not die")

@@ -42,6 +42,7 @@ class LocalConfig:
     oidc_port: int = 8444  # the local OpenID Connect provider (oidc.py)
     vault_port: int = 8200  # the local OpenBao (openbao.py)
     registry_port: int = 5000  # the local image registry (Distribution's docker-registry)
+    git_port: int = 9418  # git daemon serving the environment repository (promotions)
 
     @classmethod
     def from_env(cls, stack_file: Path | None = None) -> LocalConfig:
@@ -59,6 +60,7 @@ class LocalConfig:
             oidc_port=int(os.environ.get("FAASCI_OIDC_PORT", "8444")),
             vault_port=int(os.environ.get("FAASCI_VAULT_PORT", "8200")),
             registry_port=int(os.environ.get("FAASCI_REGISTRY_PORT", "5000")),
+            git_port=int(os.environ.get("FAASCI_GIT_PORT", "9418")),
         )
 
     @property
@@ -86,6 +88,11 @@ class LocalConfig:
     def registry(self) -> str:
         """The local registry as image references start with it (host:port, plain HTTP)."""
         return f"127.0.0.1:{self.registry_port}"
+
+    @property
+    def environments_repository(self) -> str:
+        """The environment repository promote stages push to, over git's own protocol."""
+        return f"git://127.0.0.1:{self.git_port}/environments.git"
 
     # Folders under home: data survives `faasci down`; run holds pid files.
     @property
@@ -125,7 +132,13 @@ class LocalConfig:
             "FAASCI_CACHE_DIR": str(self.cache_dir),
             "FAASCI_SANDBOX_HIDE": f"{self.home}:{self.workdir}",
             "DOCKER_HOST": Engine.for_stack(self).docker_host,
+            # Trivy's cache, with the offline database `up` writes (faasci.scan).
+            "TRIVY_CACHE_DIR": str(self.trivy_cache),
         }
+
+    @property
+    def trivy_cache(self) -> Path:
+        return self.home / "trivy"
 
     def env(self) -> dict[str, str]:
         """The environment that points a process (the gateway, the CLI) at this stack."""
@@ -140,6 +153,7 @@ class LocalConfig:
             "FAASCI_OIDC_PORT": str(self.oidc_port),
             "FAASCI_VAULT_PORT": str(self.vault_port),
             "FAASCI_REGISTRY_PORT": str(self.registry_port),
+            "FAASCI_GIT_PORT": str(self.git_port),
         }
 
 

@@ -13,6 +13,10 @@ Each container runs the function's image (built by engine.build_functions) with:
   logs      followed into <home>/logs/<function>.log (what /system/logs reads)
 A container that exits is replaced by a new one when the provider restarts it, and
 removed on stop.
+
+A function deployed by image alone (not in stack.yml: a service the deploy stage rolls out)
+runs as an ImageContainer, in either mode: its image pulled from the registry, nothing of
+the stack's given to it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
+import requests
 
 from .. import stack
 from ..errors import UserError
@@ -98,6 +103,7 @@ class FunctionContainer(FunctionInstance):
             "S3_ENDPOINT": f"http://{host}:{cfg.s3_port}",
             # The host's engine pushes (not the container): the registry as the host sees it.
             "FAASCI_REGISTRY": cfg.registry,
+            "FAASCI_GITOPS_REPOSITORY": f"git://{host}:{cfg.git_port}/environments.git",
             "VAULT_ADDR": f"http://{host}:{cfg.vault_port}",
             # Tokens name the issuer as the host sees it (127.0.0.1), which is the
             # container's own loopback here: its keys are fetched at the host's address.
@@ -205,6 +211,83 @@ class FunctionContainer(FunctionInstance):
             if grace:
                 container.stop(timeout=grace)
             container.remove(force=True)
+
+
+class ImageContainer(FunctionContainer):
+    """A function deployed by image alone, in process mode too: a container of that image
+    on the stack's engine, pulled from its registry (by digest, as the deploy stage names
+    it; the local registry is an insecure one in the engine's registries.conf). It serves
+    OpenFaaS's function contract, HTTP on 8080, published on 127.0.0.1:<its port>, and gets
+    its own environment and secrets (/var/openfaas/secrets) only: none of the stack's
+    addresses, folders or credentials, and its image's own user. The pull and start go on
+    in the background, as a pod's do: until the server answers it has no available replica,
+    and an image that cannot be pulled, or exits, is restarted with the provider's back-off."""
+
+    def prepare(self) -> None:
+        self.remove()  # left by a gateway that was stopped hard
+        self.copy_secrets()
+
+    def start(self) -> None:
+        self.cfg.logs.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        self._stopped = threading.Event()
+        self.proc = ContainerProc(None)  # no container yet: running, not ready
+        threading.Thread(target=self._pull_and_run, args=(self.proc, self._stopped),
+                         daemon=True, name=f"start-{self.spec.name}").start()  # fmt: skip
+
+    def _pull_and_run(self, proc: ContainerProc, stopped: threading.Event) -> None:
+        self.remove()  # the dead container a restart replaces
+        try:
+            self.engine.client.images.pull(self.spec.image)
+            if stopped.is_set():
+                return
+            container = self._run()
+        except docker.errors.DockerException as e:  # as ErrImagePull, or a port still held
+            log.error("function %s: %s did not start: %s", self.spec.name, self.spec.image, e)
+            with (self.cfg.logs / f"{self.spec.name}.log").open("a") as out:
+                out.write(f"faasci: {self.spec.image} did not start: {e}\n")
+            proc.returncode = 125
+            return
+        proc.container, proc.pid = container, container.attrs["State"]["Pid"]
+        if stopped.is_set():  # stopped while it was starting
+            self.remove()
+            proc.returncode = -9
+            return
+        self._follow(proc)
+
+    def _run(self):
+        container = self.engine.client.containers.run(
+            self.spec.image,
+            name=self.name,
+            detach=True,
+            labels={LABEL: str(self.cfg.home), "faasci.function": self.spec.name},
+            environment=self.spec.environment,
+            network_mode="slirp4netns",  # a namespace of its own; no way to the host's loopback
+            # An init as PID 1 (catatonit) passes SIGTERM on: a server that is PID 1 itself
+            # would ignore it and hold every update for the whole stop grace.
+            init=True,
+            ports={"8080/tcp": ("127.0.0.1", self.port or None)},
+            volumes={str(self.secrets): {"bind": SECRETS_MOUNT, "mode": "ro"}},
+        )
+        container.reload()
+        if not self.port:
+            self.port = int(container.ports["8080/tcp"][0]["HostPort"])
+        return container
+
+    def ready(self) -> bool:
+        """Its server answers HTTP on 8080 (any status: only the smoke request judges the
+        answer). A TCP connect alone would not do: the port forwarder accepts it whether
+        or not anything in the container listens."""
+        try:
+            requests.get(self.url, timeout=1)
+            return True
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        if getattr(self, "_stopped", None) is not None:
+            self._stopped.set()
+        super().stop()
 
 
 def build_images(cfg: LocalConfig, say=print) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ GENERATED_SECRETS = ("s3-access-key", "s3-secret-key", "basic-auth-password",
                      "nats-token")  # fmt: skip
 EMPTY_SECRETS = ("slack-webhook-url", "slack-bot-token")
 FIXED_SECRETS = {"basic-auth-user": "admin"}
+DERIVED_SECRETS = {"openfaas-password": "basic-auth-password"}  # a copy of another's value
 
 
 def client_settings(cfg: LocalConfig) -> Settings:
@@ -70,6 +72,13 @@ def ensure_secrets(cfg: LocalConfig) -> None:
             continue
         with os.fdopen(fd, "w") as f:
             f.write(FIXED_SECRETS.get(name, value))
+    # The deploy stage calls the gateway's API (faasci.rollout) with its admin password,
+    # under the name OpenFaaS's docs give it for functions (none may list basic-auth-*).
+    for name, source in DERIVED_SECRETS.items():
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(cfg.secrets_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write((cfg.secrets_dir / source).read_text())
 
 
 def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
@@ -97,7 +106,7 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
     )
     services.write_nats_config(cfg, settings.nats_user, settings.secret("nats-token"))
     parts = before["parts"]
-    for name in ("nats", "s3", "registry", "oidc"):  # alive but not answering: replaced
+    for name in ("nats", "s3", "registry", "git", "oidc"):  # alive but not answering: replaced
         if parts[name]["pid"] and not parts[name]["healthy"]:
             say(f"{name} (pid {parts[name]['pid']}) is not answering: restarting it")
             processes.stop(cfg.run, name)
@@ -107,7 +116,10 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
         say(f"S3 (SeaweedFS) on {cfg.s3_url}")
     if services.start_registry(cfg, env):  # where the build stage pushes images
         say(f"image registry (Distribution) on {cfg.registry}")
+    if services.start_git(cfg, env):  # the environment repository promotions push to
+        say(f"environment repository (git daemon) at {cfg.environments_repository}")
     start_engine(cfg, say)
+    ensure_scan_db(cfg, say)
     from . import oidc  # before the functions (they fetch its keys) and the CLI's token
 
     if oidc.start_oidc(cfg, env):
@@ -139,8 +151,9 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
 
 def start_engine(cfg: LocalConfig, say) -> None:
     """The container engine build stages and `image:` stages use (DOCKER_HOST), when Podman
-    is installed (its images stay on disk across `down`). Not fatal: only those stages need
-    it, and they fail as `infra` without it."""
+    is installed (its images stay on disk across `down`), with the offline base image the
+    example's Dockerfile starts from (made once). Not fatal: only those stages need it, and
+    they fail as `infra` without it."""
     from .engine import Engine, EngineError
 
     engine = Engine.for_stack(cfg)
@@ -155,6 +168,22 @@ def start_engine(cfg: LocalConfig, say) -> None:
         return
     if not was_running:
         say(f"container engine (Podman) at {engine.docker_host}")
+    try:
+        engine.ensure_base_image(say)
+    except EngineError as e:
+        say(f"container engine: no base image: {e}")
+
+
+def ensure_scan_db(cfg: LocalConfig, say) -> None:
+    """An empty, valid Trivy database for the build stage's gate (it cannot be downloaded
+    here), unless one is there. Not fatal: without it, scans fail as `infra`."""
+    from .. import scan
+
+    try:
+        if scan.ensure_offline_db(cfg.trivy_cache):
+            say(f"Trivy: an empty offline vulnerability database in {cfg.trivy_cache}")
+    except scan.ScanError as e:
+        say(f"Trivy: no offline database: {e}")
 
 
 def start_gateway(cfg: LocalConfig, env: dict[str, str], say, connector) -> None:
@@ -210,6 +239,7 @@ def status(cfg: LocalConfig) -> dict:
         "nats": lambda: services.nats_ready(cfg),
         "s3": lambda: services.s3_ready(cfg),
         "registry": lambda: services.registry_ready(cfg),
+        "git": lambda: services.git_ready(cfg),
         "vault": bao.active,
         "oidc": lambda: oidc.ready(cfg),
         "gateway": lambda: gateway_healthy(cfg),
@@ -259,7 +289,7 @@ def not_ready_report(cfg: LocalConfig) -> str:
 def down(cfg: LocalConfig, say=print) -> None:
     """Stop the gateway (and with it every function), the registry, S3 and NATS; data stays
     for next time."""
-    parts = ("cron-connector", "gateway", "vault", "oidc", "registry", "s3", "nats")
+    parts = ("cron-connector", "gateway", "vault", "oidc", "git", "registry", "s3", "nats")
     # The gateway first drains its functions (DRAIN_S each, all at once).
     stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
     if killed := kill_stale(cfg):  # left by a gateway that was killed

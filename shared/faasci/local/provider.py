@@ -142,6 +142,9 @@ class FunctionProcess(FunctionInstance):
             "NATS_URL": cfg.nats_url,
             "S3_ENDPOINT": cfg.s3_url,
             "FAASCI_REGISTRY": cfg.registry,  # where the build stage pushes images
+            "FAASCI_GITOPS_REPOSITORY": cfg.environments_repository,  # where promotions go
+            # Its configuration: registry-retention collects blobs with it (faasci.retention).
+            "FAASCI_REGISTRY_CONFIG": str(cfg.run / "registry.yml"),
             "VAULT_ADDR": cfg.vault_url,
             "OIDC_ISSUER": cfg.oidc_issuer,  # the local OIDC provider (oidc.py)
             "OIDC_AUDIENCE": "faasci",
@@ -227,17 +230,20 @@ def kill_stale(cfg: LocalConfig) -> int:
 
 def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> FunctionInstance:
     """The one place instances are made. Processes run a handler folder of stack.yml;
-    in containers mode (`faasci up --containers`) a container runs the function's image."""
+    in containers mode (`faasci up --containers`) a container runs the function's image.
+    A function that is not in stack.yml (deployed by image alone) is a container of its
+    image in either mode."""
+    if spec.handler is None:
+        if not spec.image:
+            raise UserError(f"function {spec.name!r} is not in {cfg.stack_file}: deploy it "
+                            "with an image", "image")  # fmt: skip
+        from .containers import ImageContainer  # the docker SDK, needed for these only
+
+        return ImageContainer(spec, port, cfg)
     if cfg.containers:
-        from .containers import FunctionContainer  # needs the docker SDK, this mode only
+        from .containers import FunctionContainer
 
         return FunctionContainer(spec, port, cfg)
-    if spec.handler is None:
-        raise NotSupported(
-            f"function {spec.name!r} is not in {cfg.stack_file}: this local provider runs the "
-            "handler folders of stack.yml's functions as processes, not images",
-            "service",
-        )
     return FunctionProcess(spec, port, cfg)
 
 

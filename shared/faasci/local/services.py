@@ -1,12 +1,14 @@
 """The real servers of the local stack: NATS with JetStream, SeaweedFS's S3 gateway, the
-image registry (Distribution's docker-registry), and OpenFaaS's cron-connector when its
-binary is available."""
+image registry (Distribution's docker-registry), git daemon serving the environment
+repository, and OpenFaaS's cron-connector when its binary is available."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import requests
 import yaml
@@ -37,11 +39,14 @@ def nats_argv(cfg: LocalConfig) -> list[str]:
 
 def s3_argv(cfg: LocalConfig) -> list[str]:
     """SeaweedFS's master, volume, filer and S3 gateway on ports just above the S3 port
-    (HTTP at +1..+3, gRPC at +10..+13). S3 requires the stack's own credentials."""
+    (HTTP at +1..+3, gRPC at +10..+13). S3 requires the stack's own credentials. Volumes
+    of 256 MB, as many as the disk holds (`-volume.max=0`): the default of 8 is 7 taken by
+    SeaweedFS's own collections and one 256 MB volume for everything stored."""
     p = cfg.s3_port
     return [
         tool("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-dir={cfg.data / 's3'}", "-master.telemetry=false", "-master.volumeSizeLimitMB=256",
+        "-volume.max=0",
         f"-master.port={p + 1}", f"-volume.port={p + 2}", f"-filer.port={p + 3}",
         f"-s3.port.grpc={p + 10}", f"-master.port.grpc={p + 11}",
         f"-volume.port.grpc={p + 12}", f"-filer.port.grpc={p + 13}",
@@ -154,6 +159,66 @@ def registry_argv(cfg: LocalConfig) -> list[str]:
 
 def registry_ready(cfg: LocalConfig) -> bool:
     return requests.get(f"http://{cfg.registry}/v2/", timeout=2).status_code == 200
+
+
+# The environment repository `up` makes: the example service's environments, one file each
+# in the two forms a promotion writes (Helm values, a kustomization).
+ENVIRONMENTS_SEED = {
+    "README.md": "# Environments\n\nWhat each environment runs, written by faas-ci's promote "
+    "stages (one commit per promotion).\n",
+    "sample-service/staging/values.yaml": 'replicaCount: 1\nimage:\n  repository: ""\n'
+    '  digest: ""\n',
+    "sample-service/production/kustomization.yaml": "resources: [deployment.yaml]\nimages:\n"
+    "  - name: sample-service\n",
+}
+
+
+def ensure_environments_repository(cfg: LocalConfig) -> Path:
+    """The bare repository under data/git, made and seeded once; pushes that would rewrite
+    its history are refused, as a protected branch's would be."""
+    bare = cfg.data / "git" / "environments.git"
+    if (bare / "HEAD").exists():
+        return bare
+    seed = cfg.data / "git" / "environments.seed"
+    shutil.rmtree(seed, ignore_errors=True)
+    for name, text in ENVIRONMENTS_SEED.items():
+        (seed / name).parent.mkdir(parents=True, exist_ok=True)
+        (seed / name).write_text(text)
+    made = bare.with_suffix(".new")
+    shutil.rmtree(made, ignore_errors=True)
+    for argv in (["init", "--quiet", "--initial-branch=main", str(seed)],
+                 ["-C", str(seed), "add", "-A"],
+                 ["-C", str(seed), "-c", "user.name=faas-ci", "-c", "user.email=faas-ci@localhost",
+                  "commit", "--quiet", "-m", "Environments of the local stack"],
+                 ["clone", "--quiet", "--bare", str(seed), str(made)],
+                 ["-C", str(made), "config", "receive.denyNonFastForwards", "true"],
+                 ["-C", str(made), "config", "receive.denyDeletes", "true"]):  # fmt: skip
+        subprocess.run(["git", *argv], check=True, capture_output=True)
+    shutil.rmtree(seed)
+    made.rename(bare)  # whole or not at all
+    return bare
+
+
+def git_argv(cfg: LocalConfig) -> list[str]:
+    root = cfg.data / "git"
+    return ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
+            f"--base-path={root}", "--listen=127.0.0.1", f"--port={cfg.git_port}",
+            str(root)]  # fmt: skip
+
+
+def git_ready(cfg: LocalConfig) -> bool:
+    done = subprocess.run(["git", "ls-remote", "--heads", cfg.environments_repository],
+                          capture_output=True, timeout=10)  # fmt: skip
+    return done.returncode == 0
+
+
+def start_git(cfg: LocalConfig, env: dict[str, str]) -> bool:
+    if processes.pid_of(cfg.run, "git"):
+        return False
+    ensure_environments_repository(cfg)
+    processes.start(cfg.run, "git", git_argv(cfg), cfg.logs / "git.log", env)
+    processes.wait_until(lambda: git_ready(cfg), 30, "git daemon")
+    return True
 
 
 def start_registry(cfg: LocalConfig, env: dict[str, str]) -> bool:

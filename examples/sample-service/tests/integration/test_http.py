@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-SERVICE_ROOT = Path(__file__).resolve().parents[2]
+# The code under test: the checkout, or (INVENTORY_APP) the copy an image holds.
+SERVICE_ROOT = Path(os.environ.get("INVENTORY_APP") or Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture(scope="module")
