@@ -4,6 +4,7 @@ ports of its own, so a developer's stack on the default ports is left alone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -319,6 +320,26 @@ def wait_for_run(gateway, run_id: str, timeout: float = 120) -> dict:
             return run
         assert time.monotonic() < deadline, f"run {run_id} still {run['status']}"
         time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def registry_of_its_own(home: Path, port: int):
+    """A registry started as `faasci up` starts it, for a stack whose home is `home`, on
+    `port`; its stack's LocalConfig; stopped afterwards."""
+    from faasci.local import processes, services
+    from faasci.local.config import LocalConfig
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FAASCI_HOME", str(home))
+        env.setenv("FAASCI_REGISTRY_PORT", str(port))
+        env.setenv("OPENFAAS_URL", "http://127.0.0.1:1")  # no gateway: never a developer's
+        cfg = LocalConfig.from_env(ROOT / "stack.yml")
+    assert cfg.registry == f"127.0.0.1:{port}"
+    try:
+        assert services.start_registry(cfg, dict(os.environ)), "a registry was running already"
+        yield cfg
+    finally:
+        processes.stop(cfg.run, "registry")
 
 
 def free_port_pair() -> int:

@@ -5,3 +5,6 @@ small module per real dependency (NATS, S3, git, the gateway), importable withou
 """
 
 STAGES = ("lint", "unit", "build", "integration", "promote", "deploy")
+# Every function of the bundle (stack.yml's): a deploy stage may not take one's name.
+FUNCTIONS = (*STAGES, "webhook", "runs", "pipeline-log", "timers", "notifier",
+             "cache-invalidator", "secrets", "registry-retention")  # fmt: skip

@@ -337,8 +337,10 @@ def watch(run_id: str, timeout: float, table: bool, as_json: bool) -> int:
 
 
 def ending(run: dict) -> None:
-    """The run's outcome; for a failed run, each failed stage's reason, its error tail and the
-    command that shows its whole log."""
+    """The run's outcome: where its image went; for a failed run, each failed stage's
+    reason, its error tail and the command that shows its whole log."""
+    for line in ([f"image: {run['image']}"] if run.get("image") else []) + delivery_lines(run):
+        say(line)
     if run["status"] == "failed":
         gw = gateway()
         for stage in run["stages"]:

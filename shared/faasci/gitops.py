@@ -2,7 +2,7 @@
 
     promote:
       gitops:
-        repository: git://git.example/envs.git    # any git URL, or a local bare repository
+        repository: git://git.example/envs.git    # a remote git URL (git, https, ssh)
         branch: main
         environments:
           staging:    {refs: [main], file: staging/values.yaml}
@@ -118,9 +118,14 @@ class GitOpsSpec(BaseModel):
         if repo is None:
             return None
         try:
-            return gitcmd.validate_repo(repo)
+            gitcmd.validate_repo(repo)
         except UserError as e:
             raise ValueError(e.message) from None
+        # A pipeline file is the repository's to write, the function's disk is not: a path
+        # (or file://) could push into any repository there, the snapshot store's included.
+        if not gitcmd.URL_RE.match(repo) or repo.startswith("file:"):
+            raise ValueError(f"{repo!r} must be a remote git URL (git://, https://, ssh)")
+        return repo
 
     @field_validator("branch")
     @classmethod

@@ -3,16 +3,23 @@ wins, atomically across every replica (KV create fails when the key exists). Ent
 expire with the bucket's TTL, so the bucket stays small.
 
 Used for webhook delivery ids (a replayed delivery starts nothing) and for the scheduled
-rounds (one per slot per function).
+rounds (one per slot per function); `held` makes a claim a lock (one rollout per target).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from . import services
+
+log = logging.getLogger("faasci.once")
 
 PATIENCE_S = 30
 
@@ -45,3 +52,30 @@ def release(bucket: str, key: str, ttl_s: float) -> None:
         await kv.delete(key)
 
     services.bus().call(_release, patience=PATIENCE_S)
+
+
+class NotHeld(Exception):
+    """The key stayed claimed by another until the wait ran out (or was cancelled)."""
+
+
+@contextlib.contextmanager
+def held(bucket: str, key: str, ttl_s: float, wait_s: float, cancel: threading.Event,
+         waiting: Callable[[], None] = lambda: None) -> Iterator[None]:  # fmt: skip
+    """Run the block holding `key`, across every replica: claimed once free (`waiting` is
+    called once when it is not), released after. A holder that died frees it with the
+    bucket's TTL."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while not claim(bucket, key, ttl_s):
+        if not told:
+            waiting()
+            told = True
+        if time.monotonic() >= deadline or cancel.wait(1):
+            raise NotHeld(f"{key} stayed taken for {wait_s:.0f}s")
+    try:
+        yield
+    finally:
+        try:
+            release(bucket, key, ttl_s)
+        except Exception as e:  # what the block did stands; the TTL frees the key
+            log.warning("releasing %s/%s failed: %s", bucket, key, e)

@@ -32,6 +32,7 @@ image again gives the same answer); a gateway or server that cannot be reached, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import threading
 import time
@@ -39,8 +40,9 @@ from collections.abc import Callable
 from typing import Annotated, Any, BinaryIO, Literal
 
 import requests
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import FUNCTIONS
 from .fields import EnvValue
 
 FUNCTION_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # a DNS-1123 label, as OpenFaaS
@@ -54,20 +56,33 @@ SMOKE_S = 10  # one smoke request's
 BODY_CHARS = 300  # of an answer's body quoted in an error
 LOG_LINES = 20  # of the function's log shown when it did not become healthy
 Reason = Literal["rollout", "infra", "secrets", "cancelled"]
+ROLLOUTS = "faasci-rollouts"  # the KV bucket of rollouts in progress (faasci.once.held)
+ROLLOUT_HOLD_S = 3 * 3600  # a holder that died frees its function after this
 
 
 class OpenFaaSTarget(BaseModel):
-    """The run's image as an OpenFaaS function on a gateway (default: the stack's own)."""
+    """The run's image as an OpenFaaS function on a gateway (default: the platform's own,
+    with the deploy function's credentials). The platform's credentials never go to another
+    gateway: its password is one of the stage's own `secrets:` (`password_secret`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     function: str = Field(pattern=FUNCTION_NAME)
     gateway: str | None = Field(default=None, pattern=HTTP_URL)
+    user: str = Field(default="admin", min_length=1, max_length=100)
+    password_secret: str | None = Field(default=None, pattern=ENV_NAME)
     path: str = Field(default="/", pattern=r"^/[^\s]*$", max_length=500)  # the smoke request's
     timeout: int = Field(default=120, gt=0, le=3600, strict=True, description="seconds")
     rollback: bool = True  # redeploy the previous image when the new one is not healthy
     env: dict[Annotated[str, Field(pattern=ENV_NAME)],
               EnvValue] = {}  # fmt: skip
+
+    @field_validator("function")
+    @classmethod
+    def _not_ours(cls, name: str) -> str:
+        if name in FUNCTIONS:  # a pipeline may not replace a function of faas-ci itself
+            raise ValueError(f"{name!r} is a function of faas-ci; name the service otherwise")
+        return name
 
 
 class ArgoCDTarget(BaseModel):
@@ -101,10 +116,11 @@ def check_stage(name: str, spec) -> None:
         raise ValueError(f"{name}.{targets[0]}: only the deploy stage rolls out")
     if len(targets) > 1:
         raise ValueError(f"{name}: give exactly one target, openfaas or argocd")
-    argocd = getattr(spec, "argocd", None)
-    if argocd and argocd.token_secret and argocd.token_secret not in spec.secrets:
-        raise ValueError(f"{name}.argocd.token_secret: {argocd.token_secret!r} is not one of "
-                         "the stage's secrets")  # fmt: skip
+    for target, field in (("argocd", "token_secret"), ("openfaas", "password_secret")):
+        secret = getattr(getattr(spec, target, None), field, None)
+        if secret and secret not in spec.secrets:
+            raise ValueError(f"{name}.{target}.{field}: {secret!r} is not one of the stage's "
+                             "secrets")  # fmt: skip
 
 
 class Deployment(BaseModel):
@@ -249,9 +265,34 @@ def rollout_openfaas(target: OpenFaaSTarget, image: str, gateway: str, auth: tup
                      out: BinaryIO, cancel: threading.Event) -> Result:  # fmt: skip
     """Deploy `image` as target.function and wait until it is healthy; roll back when it
     is not (and target.rollback)."""
+    from . import once  # NATS: imported when a rollout runs (pipeline imports this module)
+
     name = target.function
     record = Deployment(target="openfaas", function=name, image=image)
     api = OpenFaaS(gateway, auth)
+    # One rollout of a function at a time, whichever run or replica starts it: another
+    # run's image landing while this one waits for its own would fail both.
+    key = f"{hashlib.sha256(api.gateway.encode()).hexdigest()[:16]}.{name}"
+    try:
+        with once.held(
+            ROLLOUTS,
+            key,
+            ROLLOUT_HOLD_S,
+            2 * target.timeout + 60,
+            cancel,
+            lambda: say(out, f"waiting for another rollout of {name} to end"),
+        ):
+            return _rollout_openfaas(api, target, image, record, out, cancel)
+    except once.NotHeld as e:
+        error = f"another rollout of {name} did not end in time ({e})"
+        say(out, error)
+        return Result(deployment=record, reason="cancelled" if cancel.is_set() else "infra",
+                      error=error)  # fmt: skip
+
+
+def _rollout_openfaas(api: OpenFaaS, target: OpenFaaSTarget, image: str, record: Deployment,
+                      out: BinaryIO, cancel: threading.Event) -> Result:  # fmt: skip
+    name = target.function
     try:
         current = api.status(name)
         record.previous = current.get("image") if current else None
@@ -468,7 +509,8 @@ def to_record(result: Result) -> dict[str, Any]:
 def deploy(run, spec, out: BinaryIO, cancel: threading.Event,
            stage_secrets: Callable[[], dict[str, str]]) -> Result:  # fmt: skip
     """The deploy stage's rollout of `run` to the target of `spec` (its StageSpec);
-    `stage_secrets()` reads the stage's own secrets (only an Argo CD token needs them)."""
+    `stage_secrets()` reads the stage's own secrets (an Argo CD token, another gateway's
+    password)."""
     from .settings import settings
 
     if spec.openfaas:
@@ -477,12 +519,21 @@ def deploy(run, spec, out: BinaryIO, cancel: threading.Event,
         if not run.image:
             error = "deploy.openfaas: no build stage of this run pushed an image"
             return Result(deployment=record, reason="rollout", error=error)
+        platform = settings().gateway_url.rstrip("/")
+        gateway = (target.gateway or platform).rstrip("/")
         try:
-            auth = gateway_credentials(settings().secret)
+            if target.password_secret:
+                auth = (target.user, stage_secrets()[target.password_secret])
+            elif gateway == platform:
+                auth = gateway_credentials(settings().secret)
+            else:
+                raise Failed(f"deploy.openfaas.gateway: {gateway} is not the platform's gateway, "
+                             "and the platform's credentials go to its own only: give that "
+                             "gateway's password as password_secret, one of the stage's "
+                             "secrets", "secrets")  # fmt: skip
         except Failed as e:
             say(out, str(e))
             return Result(deployment=record, reason=e.reason, error=str(e))
-        gateway = target.gateway or settings().gateway_url
         return rollout_openfaas(target, run.image, gateway, auth, out, cancel)
     target = spec.argocd
     values = stage_secrets() if target.token_secret else {}

@@ -243,6 +243,11 @@ class ImageSandbox(Sandbox):
         return Container(container, log)
 
 
+# A container's states once its command has ended: Podman's Docker-compatible API says
+# "stopped" (not "exited") for one whose clean-up has already run.
+ENDED = ("exited", "dead", "stopped")
+
+
 class Container:
     """A command running in a container (see shell.Running), its output copied to the log."""
 
@@ -261,7 +266,7 @@ class Container:
 
     def wait(self, timeout: float) -> int | None:
         self.container.reload()
-        if self.container.status in ("exited", "dead"):
+        if self.container.status in ENDED:
             self._copier.join(timeout=10)
             return self.container.attrs["State"]["ExitCode"]
         time.sleep(timeout)

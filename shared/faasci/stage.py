@@ -287,7 +287,13 @@ def _promote(run: Run, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
 
 def _deploy(run: Run, stage: str, spec, out, watcher: Watcher) -> Delivered:
     """Roll the run's image out to the stage's target and wait until it is healthy there
-    (faasci.rollout); its `deployment` is recorded whatever happened."""
+    (faasci.rollout); its `deployment` is recorded whatever happened. A run whose promote
+    stage promoted nothing (its ref matches no environment) rolls nothing out either."""
+    promote = next((s for s in run.stages if s.name == "promote" and s.attempts), None)
+    if promote and (promote.attempts[-1].promotion or {}).get("environment", "") is None:
+        out.write(f"[faas-ci] ref {run.ref} was promoted to no environment: nothing is rolled "
+                  "out\n".encode())  # fmt: skip
+        return Delivered(record={"deployment": None})
     done = rollout.deploy(run, spec, out, watcher.stop_commands,
                           lambda: stage_secrets.load(run, stage).values)  # fmt: skip
     record = rollout.to_record(done)
@@ -466,8 +472,9 @@ def _recover(kept: spool.Kept) -> None:
     try:
         log.info("storing the result %s left by a process that died", kept.dir.name)
         run_id = kept.outcome["run_id"]
-        _, following, *_ = store_result(kept)
+        run, following, *_ = store_result(kept)
         hand_on(run_id, following)
+        downstream.after_stage(run, kept.outcome["stage"])  # as execute does
         kept.release()
     except Exception as e:  # kept for the next start, until the spool's sweep
         log.error("storing the result %s failed: %s", kept.dir.name, e)

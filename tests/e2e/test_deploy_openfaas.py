@@ -188,3 +188,26 @@ def test_faas_cli_deploys_and_invokes_an_image_only_function(stack, api, first, 
         time.sleep(0.5)
     assert status_of(stack, api, CLI_FUNCTION)["image"] == first["image"]
     assert cli("invoke", CLI_FUNCTION, stdin="hello") == "echo:hello"
+
+
+def test_two_runs_deploying_one_function_at_once_roll_out_one_after_the_other(
+    stack, gateway, api, service, first, engine_with_base
+):
+    """Two runs of two versions started at once: both pass, each healthy at its own digest;
+    the later rollout found the earlier one's image in place (one rollout at a time)."""
+    started = []
+    for version in ("v3", "v4"):
+        (service / "Dockerfile").write_text(dockerfile(engine_with_base, version, GOOD_CMD))
+        commit_all(service, version)
+        started.append(start_run(gateway, service))
+    ended = [wait_for_run(gateway, run_id, timeout=600) for run_id in started]
+    assert [r["status"] for r in ended] == ["passed", "passed"], [failed_logs(gateway, r)
+                                                                  for r in ended]  # fmt: skip
+    records = [next(s for s in r["stages"] if s["name"] == "deploy")["attempts"][-1]
+               ["deployment"] for r in ended]  # fmt: skip
+    assert {d["image"] for d in records} == {r["image"] for r in ended} and len(records) == 2
+    # Whichever went second replaced what the first left healthy.
+    a, b = records
+    earlier, later = (a, b) if b["previous"] == a["image"] else (b, a)
+    assert later["previous"] == earlier["image"]
+    assert status_of(stack, api, FUNCTION)["image"] == later["image"]

@@ -51,3 +51,26 @@ def test_the_example_is_built_tested_promoted_and_deployed_by_digest(
     assert "promoted: staging (sample-service/staging/values.yaml in " in shown
     assert f"commit {promotion['commit'][:12]})" in shown
     assert "deployed: openfaas sample-service, healthy after " in shown
+
+
+def test_a_feature_branch_is_tested_and_built_but_neither_promoted_nor_deployed(
+    stack, gateway, sample_repo, engine_with_base
+):
+    """A ref no environment takes: the run passes, promote and deploy say why they did
+    nothing, and the deployed function keeps the image it had."""
+    subprocess.run(["git", "-C", str(sample_repo), "checkout", "--quiet", "-b", "feature"],
+                   check=True)  # fmt: skip
+    before = gateway.session.get(f"{gateway.url}/system/function/sample-service")
+    run = wait_for_run(gateway, start_run(gateway, sample_repo), timeout=900)
+    assert run["status"] == "passed" and run["ref"] == "feature" and run["image"]
+    attempts = {s["name"]: s["attempts"][-1] for s in run["stages"]}
+    assert attempts["promote"]["promotion"]["environment"] is None
+    assert "matches no environment" in log_of(gateway, run["id"], "promote")
+    assert attempts["deploy"]["deployment"] is None
+    assert "promoted to no environment: nothing is rolled out" in log_of(
+        gateway, run["id"], "deploy"
+    )
+    after = gateway.session.get(f"{gateway.url}/system/function/sample-service")
+    assert after.status_code == before.status_code
+    if before.status_code == 200:
+        assert after.json()["image"] == before.json()["image"] != run["image"]

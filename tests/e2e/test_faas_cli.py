@@ -66,7 +66,10 @@ def cli(stack, api, tmp_path_factory):
 
 
 def listed(api) -> dict[str, dict]:
-    return {f["name"]: f for f in api.get(f"{api.url}/functions").json()}
+    """The stack's own functions as the gateway lists them (deploy stages of the session's
+    runs may have deployed services beside them)."""
+    return {f["name"]: f for f in api.get(f"{api.url}/functions").json()
+            if f["name"] in FUNCTIONS}  # fmt: skip
 
 
 def wait_ready(api, names, timeout: float = 60) -> dict[str, dict]:
@@ -146,7 +149,7 @@ def test_list_shows_every_function(cli, api):
     """faas-cli list names every function of stack.yml, with its image and creation time."""
     done = cli("list", "--verbose")
     rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
-    assert set(rows) == FUNCTIONS
+    assert set(rows) >= FUNCTIONS
     assert "localhost:5000/faasci/unit:0.1.0" in rows["unit"]
     assert "0001-01-01" not in done.stdout
     for fn in listed(api).values():

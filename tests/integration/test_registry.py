@@ -10,7 +10,7 @@ import re
 
 import pytest
 import requests
-from conftest import PORT_OFFSET, ROOT
+from conftest import PORT_OFFSET, ROOT, registry_of_its_own
 
 from faasci.local import control, processes, services
 from faasci.local.config import LocalConfig
@@ -27,18 +27,8 @@ MANIFESTS = "application/vnd.docker.distribution.manifest.v2+json, " \
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """The registry of a stack whose home is a temporary folder, stopped afterwards."""
-    home = tmp_path_factory.mktemp("registry-home")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("FAASCI_HOME", str(home))
-        env.setenv("FAASCI_REGISTRY_PORT", str(PORT))
-        env.setenv("OPENFAAS_URL", "http://127.0.0.1:1")  # no gateway: never a developer's
-        cfg = LocalConfig.from_env(ROOT / "stack.yml")
-    assert cfg.registry == f"127.0.0.1:{PORT}"
-    try:
-        assert services.start_registry(cfg, dict(os.environ)), "a registry was running already"
+    with registry_of_its_own(tmp_path_factory.mktemp("registry-home"), PORT) as cfg:
         yield cfg
-    finally:
-        processes.stop(cfg.run, "registry")
 
 
 @pytest.fixture(scope="module")

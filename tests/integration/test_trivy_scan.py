@@ -8,15 +8,12 @@ image's packages. Nothing here fabricates a report."""
 from __future__ import annotations
 
 import json
-import os
 from datetime import date
 
 import pytest
-from conftest import PORT_OFFSET, ROOT
+from conftest import PORT_OFFSET, ROOT, registry_of_its_own
 
 from faasci import scan
-from faasci.local import processes, services
-from faasci.local.config import LocalConfig
 from faasci.local.engine import Engine
 from faasci.scan import ScanSpec
 
@@ -32,17 +29,8 @@ CRITICAL = {"nvd": {"V3Score": 9.8, "V3Vector": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A registry of a stack whose home is a temporary folder, stopped afterwards."""
-    home = tmp_path_factory.mktemp("trivy-registry")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("FAASCI_HOME", str(home))
-        env.setenv("FAASCI_REGISTRY_PORT", str(PORT))
-        env.setenv("OPENFAAS_URL", "http://127.0.0.1:1")  # no gateway: never a developer's
-        cfg = LocalConfig.from_env(ROOT / "stack.yml")
-    services.start_registry(cfg, dict(os.environ))
-    try:
+    with registry_of_its_own(tmp_path_factory.mktemp("trivy-registry"), PORT) as cfg:
         yield cfg.registry
-    finally:
-        processes.stop(cfg.run, "registry")
 
 
 @pytest.fixture(scope="module")

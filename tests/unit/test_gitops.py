@@ -50,13 +50,16 @@ def test_a_promote_stage_may_consist_of_gitops_alone():
         (("staging/values.yaml", ".git/config"), "file"),
         (("approval: admin", "approval: anyone"), "approval"),
         (("git://127.0.0.1:9418/envs.git", "relative/path"), "repository"),
+        (("git://127.0.0.1:9418/envs.git", "/srv/faasci/data/snapshots.git"), "repository"),
+        (("git://127.0.0.1:9418/envs.git", "file:///srv/envs.git"), "repository"),
         (("git://127.0.0.1:9418/envs.git", "--upload-pack=touch /tmp/x"), "repository"),
         (("{refs: [main]", "{refs: []"), "refs"),
     ],
 )
 def test_a_bad_gitops_block_is_422_naming_the_field(change, field):
     """Paths outside the environment repository, an unknown approver, a URL git would read
-    as an option, no refs: each refused with the field named."""
+    as an option, a repository on the function's own disk, no refs: each refused with the
+    field named."""
     with pytest.raises(Unprocessable) as e:
         pipeline.parse(PIPELINE.replace(*change), "x")
     assert e.value.field.startswith("stages.promote.gitops") and field in e.value.field

@@ -56,6 +56,8 @@ def test_an_openfaas_target_keeps_what_the_file_says():
         ("{function: inv, replicas: 3}", "stages.deploy.openfaas.replicas"),
         ("{function: inv, env: {'1X': a}}", "stages.deploy.openfaas.env.1X.[key]"),
         ("{}", "stages.deploy.openfaas.function"),
+        ("{function: runs}", "stages.deploy.openfaas.function"),  # faas-ci's own function
+        ("{function: deploy}", "stages.deploy.openfaas.function"),
     ],
 )
 def test_a_bad_openfaas_target_is_refused_naming_the_field(target, field):
@@ -147,3 +149,36 @@ def test_the_deployment_record_has_every_field():
     assert set(record) == {"target", "function", "application", "image", "revision",
                            "previous", "rolled_back_to", "healthy_after_s"}  # fmt: skip
     assert record["target"] == "openfaas" and record["rolled_back_to"] is None
+
+
+def test_another_gateways_password_is_one_of_the_stages_secrets():
+    """password_secret must name a secret the stage declares; then it parses."""
+    error = refused("  deploy:\n    openfaas: {function: inv, gateway: 'http://gw:8080', "
+                    "password_secret: GW_PASSWORD}\n")  # fmt: skip
+    assert error.field == "stages" and "password_secret" in error.message
+    spec = parse("  deploy:\n    openfaas: {function: inv, gateway: 'http://gw:8080', "
+                 "password_secret: GW_PASSWORD}\n    secrets: {GW_PASSWORD: 'gw#password'}\n"
+                 ).stages["deploy"]  # fmt: skip
+    assert spec.openfaas.password_secret == "GW_PASSWORD" and spec.openfaas.user == "admin"
+
+
+def test_the_platforms_credentials_never_go_to_another_gateway(tmp_path):
+    """A target naming a gateway that is not the platform's, without its own password, fails
+    as `secrets` before any request is made (one to the closed port would be `infra`)."""
+    from faasci import settings
+
+    read = []
+    spec = parse("  deploy:\n    openfaas: {function: inv, gateway: 'http://127.0.0.1:9'}\n"
+                 ).stages["deploy"]  # fmt: skip
+    run = SimpleNamespace(image="r/inv@sha256:" + "a" * 64)
+    saved = settings.settings()
+    settings.configure(settings.Settings(gateway_url="http://127.0.0.1:8080",
+                                         secrets_dir=tmp_path))  # fmt: skip
+    try:
+        with (tmp_path / "log").open("wb") as out:
+            done = rollout.deploy(run, spec, out, None, lambda: read.append(1) or {})
+    finally:
+        settings.configure(saved)
+    assert done.reason == "secrets" and "not the platform's gateway" in done.error
+    assert read == []
+    assert "not the platform's gateway" in (tmp_path / "log").read_text()

@@ -145,3 +145,26 @@ def test_another_attempts_files_are_hidden(box):
     (other / "theirs").write_text("x")
     outcome, log = run(box, f"! ls {other}", f"! ls {Path(box.attempt.parent)}/run-lint-1")
     assert outcome.passed, log
+
+
+@pytest.mark.parametrize("state", ["exited", "dead", "stopped"])
+def test_a_container_whose_command_ended_is_waited_for_in_every_state_podman_reports(state):
+    """Podman's API says `stopped` for a container already cleaned up: that is an end too,
+    with its exit code (waiting on it would hold the stage until its timeout)."""
+    from faasci.sandbox import Container
+
+    class Ended:  # what the docker SDK's Container answers once its command is done
+        status, attrs = state, {"State": {"ExitCode": 3}}
+
+        def reload(self):
+            pass
+
+        def logs(self, stream, follow):
+            return iter([b"done\n"])
+
+    with tempfile.TemporaryFile() as log:
+        started = time.monotonic()
+        assert Container(Ended(), log).wait(30) == 3
+        assert time.monotonic() - started < 5
+        log.seek(0)
+        assert log.read() == b"done\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from faasci import STAGES, stack
+from faasci import FUNCTIONS, STAGES, stack
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "stack.yml"
@@ -32,8 +32,9 @@ def loaded() -> stack.Stack:
 
 
 def test_every_function_is_loaded(loaded, raw):
-    """Every function in stack.yml is there: the stages, the webhook and the runs API."""
-    assert set(loaded.functions) == set(raw["functions"])
+    """Every function in stack.yml is there, and they are faasci.FUNCTIONS (the names a
+    deploy stage may not take)."""
+    assert set(loaded.functions) == set(raw["functions"]) == set(FUNCTIONS)
     assert set(STAGES) | {"webhook", "runs", "pipeline-log"} <= set(loaded.functions)
     assert loaded.gateway == "http://127.0.0.1:8080"
     assert loaded.gateway_port == 8080
