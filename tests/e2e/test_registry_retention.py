@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 
 import requests
-from conftest import wait_for_run
+from conftest import new_env_repo, wait_for_run
 
 from faasci.local.engine import Engine
 
@@ -36,7 +36,7 @@ def manifest(registry: str, name: str, reference: str) -> requests.Response:
 
 
 def test_retention_deletes_the_old_unreferenced_tag_and_keeps_the_referenced(
-    stack, gateway, token, make_repo, tmp_path
+    stack, gateway, token, make_repo, tmp_path, git_daemon
 ):
     """Two 1970 tags, one named in an environment repository a run's promote stage names:
     the other one's manifest answers 404 and its layer is collected; the referenced one
@@ -54,9 +54,11 @@ def test_retention_deletes_the_old_unreferenced_tag_and_keeps_the_referenced(
     blob = f"http://{registry}/v2/{names['gone']}/blobs/{gone_layer}"
     assert requests.head(blob, timeout=10).status_code == 200
 
-    # The environment repository, named by a run's promote stage (the run fails before it).
-    envs = make_repo({"staging/values.yaml": f"image:\n  repository: {registry}/"
-                      f"{names['referenced']}\n  digest: {digests['referenced']}\n"})  # fmt: skip
+    # The environment repository (served by git daemon: a promote stage names remote ones
+    # only), named by a run's promote stage (the run fails before it).
+    envs = new_env_repo(git_daemon, f"retention-{tag}.git", {
+        "staging/values.yaml": f"image:\n  repository: {registry}/{names['referenced']}\n"
+                               f"  digest: {digests['referenced']}\n"}).url  # fmt: skip
     service = make_repo(
         {
             ".faasci.yml": f"""\

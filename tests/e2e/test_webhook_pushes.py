@@ -136,7 +136,8 @@ def test_ping_unconfigured_refs_and_deleted_branches_start_nothing(stack, gatewa
     assert runs_of(gateway, head) == []
 
 
-def test_a_signed_gitlab_tag_push_starts_a_run(stack, gateway, webhook_repo, webhook_secret):
+def test_a_signed_gitlab_tag_push_starts_a_run(stack, gateway, token, webhook_repo,
+                                                webhook_secret):  # fmt: skip
     head = new_commit(webhook_repo)
     git(webhook_repo, "tag", "-a", f"v{head[:7]}", "-m", "release")
     body = json.dumps({
@@ -148,8 +149,19 @@ def test_a_signed_gitlab_tag_push_starts_a_run(stack, gateway, webhook_repo, web
                               "X-Gitlab-Token": webhook_secret,
                               "Idempotency-Key": str(uuid.uuid4())})  # fmt: skip
     assert resp.status_code == 202, resp.text
-    run = wait_for_run(gateway, resp.json()["run_id"])
+    run_id = resp.json()["run_id"]
+    # A v* tag of the example promotes to production, which waits for an admin.
+    deadline = time.monotonic() + 300
+    while not (gateway.call("runs", method="GET", path=run_id).json().get("approval")):
+        assert time.monotonic() < deadline, "the tag's run never asked for an approval"
+        time.sleep(0.5)
+    approved = requests.post(f"{stack.gateway_url}/function/runs/{run_id}/approve", timeout=60,
+                             headers={"Authorization": f"Bearer {token('admin')}"})  # fmt: skip
+    assert approved.status_code == 200, approved.text
+    run = wait_for_run(gateway, run_id)
     assert run["commit"] == head and run["ref"] == f"v{head[:7]}" and run["status"] == "passed"
+    promotion = next(s for s in run["stages"] if s["name"] == "promote")["attempts"][-1]
+    assert promotion["promotion"]["environment"] == "production"
 
 
 def test_a_forged_cron_request_runs_only_a_due_round(stack, gateway):
