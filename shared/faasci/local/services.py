@@ -200,8 +200,13 @@ def ensure_environments_repository(cfg: LocalConfig) -> Path:
 
 
 def git_argv(cfg: LocalConfig) -> list[str]:
+    """git-daemon itself, not `git daemon`: git would run it as a child, and stopping the
+    recorded pid would leave the daemon holding its port."""
     root = cfg.data / "git"
-    return ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
+    exec_path = subprocess.run(["git", "--exec-path"], capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
+    return [str(Path(exec_path) / "git-daemon"), "--reuseaddr", "--export-all",
+            "--enable=receive-pack",
             f"--base-path={root}", "--listen=127.0.0.1", f"--port={cfg.git_port}",
             str(root)]  # fmt: skip
 
