@@ -237,7 +237,7 @@ def _run_commands(run: Run, stage: str, number: int, workdir: Path, out, watcher
                 report, {})  # fmt: skip
     if outcome.exit_code:
         return outcome, "exit", f"{outcome.command!r} exited with {outcome.exit_code}", report, {}
-    done = _deliver(run, stage, spec, box, out, watcher)  # the commands passed
+    done = _deliver(run, stage, spec, box, out, watcher, given)  # the commands passed
     return done.outcome, done.reason, done.error, report, done.record
 
 
@@ -252,14 +252,15 @@ class Delivered:
     record: dict = field(default_factory=dict)
 
 
-def _deliver(run: Run, stage: str, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
+def _deliver(run: Run, stage: str, spec, box: Sandbox, out, watcher: Watcher,
+             given: stage_secrets.StageSecrets | None = None) -> Delivered:  # fmt: skip
     """The step a stage takes once its commands pass: the build stage builds, pushes and
     scans the image (`docker`), promote writes it into an environment repository
     (`gitops`), deploy rolls it out (`openfaas`, `argocd`). Other stages deliver nothing."""
     if stage == "build" and spec.docker:
         return _build_image(run, spec, box, out, watcher)
     if stage == "deploy" and (spec.openfaas or spec.argocd):
-        return _deploy(run, stage, spec, out, watcher)
+        return _deploy(run, spec, out, watcher, given.values if given else {})
     if stage == "promote" and spec.gitops:
         return _promote(run, spec, box, out, watcher)
     return Delivered()
@@ -285,17 +286,17 @@ def _promote(run: Run, spec, box: Sandbox, out, watcher: Watcher) -> Delivered:
     return Delivered(record={"promotion": done.model_dump(mode="json")})
 
 
-def _deploy(run: Run, stage: str, spec, out, watcher: Watcher) -> Delivered:
+def _deploy(run: Run, spec, out, watcher: Watcher, secrets: dict[str, str]) -> Delivered:
     """Roll the run's image out to the stage's target and wait until it is healthy there
-    (faasci.rollout); its `deployment` is recorded whatever happened. A run whose promote
-    stage promoted nothing (its ref matches no environment) rolls nothing out either."""
+    (faasci.rollout), with the stage's own `secrets` (already loaded for its commands); its
+    `deployment` is recorded whatever happened. A run whose promote stage promoted nothing
+    (its ref matches no environment) rolls nothing out either."""
     promote = next((s for s in run.stages if s.name == "promote" and s.attempts), None)
     if promote and (promote.attempts[-1].promotion or {}).get("environment", "") is None:
         out.write(f"[faas-ci] ref {run.ref} was promoted to no environment: nothing is rolled "
                   "out\n".encode())  # fmt: skip
         return Delivered(record={"deployment": None})
-    done = rollout.deploy(run, spec, out, watcher.stop_commands,
-                          lambda: stage_secrets.load(run, stage).values)  # fmt: skip
+    done = rollout.deploy(run, spec, out, watcher.stop_commands, lambda: secrets)
     record = rollout.to_record(done)
     if done.healthy:
         return Delivered(record=record)
