@@ -62,7 +62,7 @@ def test_up_is_idempotent_and_down_stops_everything(other_stack, sample_repo):
     assert len(webhook_secret) >= 32
 
     run = json.loads(faasci(other_stack, "run", str(sample_repo), "--json").stdout)
-    assert run["status"] == "passed"
+    assert run["status"] == "passed", json.dumps(run["stages"], indent=1)[:4000]
 
     down = faasci(other_stack, "down")
     assert down.returncode == 0 and "gateway" in down.stderr
@@ -170,7 +170,7 @@ stages:
     ] not in ("passed", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"run still {run['status']}"
         time.sleep(1)
-    assert run["status"] == "passed"
+    assert run["status"] == "passed", json.dumps(run["stages"], indent=1)[:4000]
     assert marker.read_text().splitlines() == ["done"]
     assert [[a["status"] for a in stage["attempts"]] for stage in run["stages"]] == [
         ["passed"],
