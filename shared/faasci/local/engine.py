@@ -89,9 +89,13 @@ class Engine:
 
     def configure(self) -> bool:
         """runc (crun fails on these machines), cgroupfs and a file events log (no systemd),
-        low default ulimits (raising RLIMIT_NOFILE is refused here), storage in the folder,
-        plain HTTP to this engine's `registries` and to those listed already (other stacks
-        sharing the folder push there too). True if a file changed."""
+        low default ulimits (raising RLIMIT_NOFILE is refused here), storage and locks in the
+        folder, plain HTTP to this engine's `registries` and to those listed already (other
+        stacks sharing the folder push there too). True if a file changed.
+
+        File locks, because Podman's default is one /dev/shm/libpod_lock per machine, shared
+        by every stack's engine: their lock numbers collided, and a container of one stack
+        waited for ever to start while another stack's container held the same lock."""
         f = self.folder
         insecure = sorted(self.registries | self.listed_registries())
         for sub in ("storage", "run", "tmp"):
@@ -106,6 +110,7 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 events_logfile_path = "{f}/events.log"
 tmp_dir = "{f}/tmp"
+lock_type = "file"
 volume_path = "{f}/storage/volumes"
 """,
             "storage.conf": f"""[storage]
@@ -158,6 +163,8 @@ runroot = "{f}/run"
             if not shutil.which("podman"):
                 raise EngineError("podman is not installed (./scripts/install installs it)")
             processes.stop(self.folder, "podman-service")
+            if changed:  # containers made under other locks (an older configuration) get new ones
+                self.podman("system", "renumber")
             self.socket.unlink(missing_ok=True)
             processes.start(
                 self.folder,

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import requests
@@ -121,12 +122,26 @@ def start_nats(cfg: LocalConfig, env: dict[str, str]) -> bool:
     return True
 
 
+S3_STARTS = 4
+
+
 def start_s3(cfg: LocalConfig, env: dict[str, str]) -> bool:
     if processes.pid_of(cfg.run, "s3"):
         return False
     (cfg.data / "s3").mkdir(parents=True, exist_ok=True)
-    processes.start(cfg.run, "s3", s3_argv(cfg), cfg.logs / "s3.log", env, cwd=cfg.data / "s3")
-    processes.wait_until(lambda: s3_ready(cfg), 60, "SeaweedFS S3")
+    # SeaweedFS listens on eight ports and exits at once when one of them is still taken
+    # (seen right after the one it replaces was killed): started again, a few times.
+    for tries_left in reversed(range(S3_STARTS)):
+        pid = processes.start(cfg.run, "s3", s3_argv(cfg), cfg.logs / "s3.log", env,
+                              cwd=cfg.data / "s3")  # fmt: skip
+        up_or_gone = lambda pid=pid: s3_ready(cfg) or not processes.alive(pid)  # noqa: E731
+        processes.wait_until(up_or_gone, 60, "SeaweedFS S3")
+        if processes.alive(pid) or not tries_left:
+            break
+        time.sleep(2)
+    if not processes.alive(pid):
+        raise TimeoutError(f"SeaweedFS S3 exited at its start {S3_STARTS} times: see "
+                           f"{cfg.logs / 's3.log'}")  # fmt: skip
     return True
 
 
