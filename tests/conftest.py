@@ -173,6 +173,13 @@ def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
         "FAASCI_REGISTRY_PORT": str(gateway - 3080 + PORT_OFFSET),
         # git daemon as 9418 is to 8080: 29418 for 28080.
         "FAASCI_GIT_PORT": str(gateway + 1338 + PORT_OFFSET),
+        # Prometheus: 29130 for 28080 (clear of the functions, gateway+1 and up, of the
+        # stack on the next thousand).
+        "FAASCI_PROMETHEUS_PORT": str(gateway + 1050 + PORT_OFFSET),
+        # Jaeger (up --observe): OTLP/HTTP 24318 and UI/API 26686 (query gRPC 26685) for
+        # 28080, clear of every other stack's ports.
+        "FAASCI_JAEGER_OTLP_PORT": str(gateway - 3762 + PORT_OFFSET),
+        "FAASCI_JAEGER_UI_PORT": str(gateway - 1394 + PORT_OFFSET),
     }
 
 
@@ -230,6 +237,7 @@ def stack(scheduled_repo, webhook_repo, slack, tmp_path_factory):
         "FAASCI_HOME": str(home),
         "FAASCI_SECRETS_DIR": str(home / "secrets"),
         "SCHEDULED_REPOS": str(scheduled_repo),
+        "FAASCI_OBSERVE": "1",  # `up --observe`: Jaeger and Prometheus beside it
         # and, as a pattern, the cache tests' repositories (tmp_path/cache-<name>)
         "WEBHOOK_REPOS": f"{webhook_repo}#main,refs/tags/v* "
         f"{tmp_path_factory.getbasetemp()}/*/cache-*",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from . import services, slack, timers
+from . import metrics, services, slack, timers
 from .errors import Conflict
 from .runs import Run, now
 from .settings import settings
@@ -39,7 +39,7 @@ def deliver(run_id: str) -> dict:
     stage = next(s for s in run.stages if s.status == "failed")
     message = slack.alert_message(run, stage.name, _log_tail(run, stage.name))
     try:
-        delivery = slack.send(config, message)
+        delivery = metrics.alert_delivery(slack.send, config, message)  # counts the outcome
     except slack.SlackUnavailable as e:
         delay, why = e.retry_after or redelivery_delay(run.alert.tries), str(e)
         store.update(run_id, lambda r: _record(r, "pending", error=why), "alert.pending")

@@ -21,7 +21,13 @@ from typing import Any, TypeVar
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import APIError, BucketNotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
@@ -29,6 +35,31 @@ log = logging.getLogger("faasci.bus")
 
 CONNECT_WAIT_S = 3  # a process's first connection: NATS answers within this or is down
 OUTAGE_WAIT_S = 15  # after a lost connection: a restart takes a few seconds; wait that out
+
+
+async def compare_and_set(
+    kv: KeyValue, key: str, change: Callable[[bytes | None], tuple[bytes | None, T]]
+) -> T:
+    """Read `key`, apply `change` to its value (None when absent) and write the bytes it
+    returns (nothing when None) unless someone wrote the key meanwhile; then read and apply
+    again. So `change` may run more than once: it must not act, only compute. Its result."""
+    while True:
+        try:
+            entry = await kv.get(key)
+            value, revision = entry.value, entry.revision
+        except KeyNotFoundError:
+            value, revision = None, None
+        data, result = change(value)
+        if data is None:
+            return result
+        try:
+            if revision is None:
+                await kv.create(key, data)
+            else:
+                await kv.update(key, data, last=revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return result
 
 
 class NatsUnreachable(Exception):

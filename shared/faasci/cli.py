@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -88,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build every function's image and run each as a container (podman)",
     )
+    c.add_argument("--observe", action="store_true",
+                   help="also run Jaeger (traces) and Prometheus (metrics)")  # fmt: skip
     command("down", cmd_down, "stop the local stack, keeping its data")
     c = command(
         "status", cmd_status, "each part of the local stack: up or down (exit 1 if any is down)"
@@ -123,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
         "--follow", action="store_true", help="follow the run until it ends (like `faasci run`)"
     )
     c.add_argument("--timeout", type=float, default=3600, help="seconds to follow (default 3600)")
+    c.add_argument("--timeline", action="store_true",
+                   help="draw each attempt's queue wait and run time to scale")  # fmt: skip
     c = command("cancel", cmd_cancel, "cancel a run: its running stage is killed")
     c.add_argument("run")
     c = command("approve", cmd_approve, "approve the promotion a run waits for (admins)")
@@ -149,6 +154,14 @@ def parser() -> argparse.ArgumentParser:
         "the services' dependency graph: what each depends on, and its dependents",
     )
     c.add_argument("--json", action="store_true")
+    c = command("limits", cmd_limits, "a service's concurrency cap, burst and monthly budget: "
+                "show them, or set them (admins)")  # fmt: skip
+    c.add_argument("service")
+    c.add_argument("--concurrency", type=int, metavar="N", help="stage executions at once")
+    c.add_argument("--burst", type=int, metavar="N", help="at once while a burst lasts")
+    c.add_argument("--burst-window", type=float, metavar="S", help="seconds a burst lasts")
+    c.add_argument("--budget", type=float, metavar="AMOUNT", help="the monthly budget")
+    c.add_argument("--json", action="store_true")
     c = command("secrets", cmd_secrets, "stage secrets of a repository, and the platform's")
     c.add_argument("action", choices=["put", "ls", "rotate", "show-webhook"],
                    help="put <repo> <path> KEY=VALUE...: write a stage secret (`<path>#KEY` "
@@ -157,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
                    "configure a git host's webhook with (local stack)")  # fmt: skip
     c.add_argument("args", nargs="*", help="the action's arguments")
     c.add_argument("--force", action="store_true", help="rotate: even inside the overlap")
+    c.add_argument("--json", action="store_true")
+    c = command("costs", cmd_costs, "what runs cost: usage priced by the rate card, grouped")
+    c.add_argument("--by", choices=["service", "stage", "environment"], default="service")
+    c.add_argument("--since", help="a date (YYYY-MM-DD) or ISO 8601 time (default: this month)")
     c.add_argument("--json", action="store_true")
     command("token", cmd_token, "print your access token (for curl: Authorization: Bearer ...)")
     c = command("invoke", cmd_invoke, "invoke a function through the gateway, print its answer")
@@ -268,7 +285,9 @@ def stack_config() -> LocalConfig:
 
 def cmd_up(args) -> int:
     cfg = stack_config()
-    control.up(cfg, say=say, containers=args.containers)
+    if args.observe:  # recorded with the stack: `faasci show` links its traces
+        cfg = dataclasses.replace(cfg, observe=True)
+    control.up(cfg, say=say, containers=args.containers, observe=args.observe)
     try:  # so that `faasci` finds this stack from any directory
         userconfig.remember_stack(cfg)
     except OSError as e:
@@ -675,6 +694,8 @@ def cmd_show(args) -> int:
         return 0
     print(f"run {run['id']}  status: {run['status']}  trigger: {run['trigger']}")
     print(f"repo: {run['repo']}")
+    if line := trace_line(run):
+        print(line)
     if run.get("image"):  # what the build stage pushed, by digest
         print(f"image: {run['image']}")
     for line in delivery_lines(run):
@@ -684,12 +705,29 @@ def cmd_show(args) -> int:
         print(f"waiting for an admin's approval to promote to {approval['environment']}: "
               f"faasci approve {run['id']}")  # fmt: skip
     Console().print(stages_table(run))
+    if args.timeline:
+        from . import timeline
+
+        Console().print(timeline.render(timeline.build(run), Console().width))
     if run["status"] == "failed":
         gw = gateway()
         for stage in run["stages"]:
             if stage["status"] == "failed" and stage["attempts"]:
                 print("\n".join(failure_report(run, stage, gw)))
     return 0
+
+
+def trace_line(run: dict) -> str | None:
+    """`trace: <trace id>`, and its page in Jaeger on the next line (within 80 columns) when
+    the local stack observes."""
+    from . import tracing
+    from .local.observe import trace_link
+
+    trace_id = tracing.trace_id_of(run.get("traceparent"))
+    if trace_id is None:
+        return None
+    link = trace_link(local_config(), trace_id)
+    return f"trace: {trace_id}" + (f"\n  {link}" if link else "")
 
 
 def delivery_lines(run: dict) -> list[str]:
@@ -714,6 +752,18 @@ def delivery_lines(run: dict) -> list[str]:
             state = "not healthy"
         lines.append(f"deployed: {deployment['target']} {name}, {state}")
     return lines
+
+
+def cmd_costs(args) -> int:
+    from .costs import costs_table
+
+    query = {"by": args.by, **({"since": args.since} if args.since else {})}
+    found = answer(gateway().call("runs", method="GET", path="costs", query=query))
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    Console().print(costs_table(found))
+    return 0
 
 
 def cmd_cancel(args) -> int:
@@ -813,6 +863,38 @@ def cmd_audit(args) -> int:
                       e.get("repo") or "", e.get("ref") or "", (e.get("commit") or "")[:12],
                       e.get("run") or "", detail)  # fmt: skip
     Console().print(table)
+    return 0
+
+
+def cmd_limits(args) -> int:
+    """Show a service's limits; with options, set those first (PUT: the others are kept)."""
+    body = {name: value for name, value in (
+        ("concurrency", args.concurrency), ("burst", args.burst),
+        ("burst_window_s", args.burst_window), ("monthly_budget", args.budget),
+    ) if value is not None}  # fmt: skip
+    path = f"limits/{args.service}"
+    gw = gateway()
+    found = answer(gw.call("runs", body, path=path, method="PUT") if body
+                   else gw.call("runs", method="GET", path=path))  # fmt: skip
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    set_here = found.get("overrides") or {}
+
+    def line(name: str, label: str, unit: str = "") -> str:
+        value = found.get(name)
+        shown = "none" if value is None else f"{value:g}{unit}"
+        return f"{label:<15} {shown}{'' if name in set_here else '  (default)'}"
+
+    print(f"service         {found['service']}")
+    print(line("concurrency", "concurrency"))
+    print(line("burst", "burst"))
+    print(line("burst_window_s", "burst window", " s"))
+    print(line("monthly_budget", "monthly budget"))
+    use = found.get("usage") or {}
+    if use.get("scope") not in (None, "off"):
+        print(f"now             {use['running']} running, {use['waiting']} waiting, limit "
+              f"{use['limit']} (capped per {use['scope']})")  # fmt: skip
     return 0
 
 

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from . import auth
+from . import auth, tracing
 
 ASYNC_BODY_LIMIT = 256_000  # the queue-worker's cap; async bodies carry references only
 
@@ -84,7 +84,8 @@ class Gateway:
             data=data,
             params=query,
             timeout=timeout or self.timeout,
-            headers={"Content-Type": "application/json", **(headers or {})},
+            # The current span's traceparent: the function continues its trace.
+            headers=tracing.inject({"Content-Type": "application/json", **(headers or {})}),
         )
 
     def call_async(
@@ -108,7 +109,9 @@ class Gateway:
                 f"{self.url}/async-function/{function}",
                 data=data,
                 timeout=self.timeout,
-                headers={"Content-Type": "application/json", **extra, **(headers or {})},
+                headers=tracing.inject(
+                    {"Content-Type": "application/json", **extra, **(headers or {})}
+                ),
             )
         except requests.RequestException as e:
             raise InvocationError(f"gateway {self.url} unreachable: {e}") from None

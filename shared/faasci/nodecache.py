@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tracing
 from .cache import CacheKey, CorruptArchive, DependencyCache, split_path
 from .errors import NotFound
 
@@ -99,7 +100,12 @@ class NodeCache:
         stack = self._stack()
         stack.append(scope)
         try:
-            yield self._acquire(key, scope)
+            with tracing.span("cache restore", **{"faasci.cache.key": key.value[:16]}) as span:
+                entry = self._acquire(key, scope)
+                tracing.annotate(span, **{"faasci.cache.hit": entry is not None,
+                                          "faasci.cache.source": entry and entry.source,
+                                          "faasci.cache.miss": scope.reason})  # fmt: skip
+            yield entry
         finally:
             stack.remove(scope)
             for fd in scope.fds:
@@ -188,8 +194,8 @@ class NodeCache:
         if ours and scope.reason == "unavailable":
             log.warning("cache %s: S3 was unavailable; kept on this node only", key.archive)
         elif ours:  # holding the entry until the upload is done (a lock of its own)
-            entry._upload = threading.Thread(
-                target=self._upload, name=f"cache-upload-{key.value[:12]}",
+            entry._upload = threading.Thread(  # its span a child of the attempt's
+                target=tracing.in_context(self._upload), name=f"cache-upload-{key.value[:12]}",
                 args=(key, entry, self._hold(folder), paths, service, repo, started),
             )  # fmt: skip
             entry._upload.start()
@@ -198,6 +204,7 @@ class NodeCache:
         self.evict()
         return entry
 
+    @tracing.traced("cache save")
     def _upload(self, key: CacheKey, entry: Entry, fd: int | None, paths: list[str],
                 service: str, repo: str, started: float) -> None:  # fmt: skip
         # The lowest CPU priority for this thread (and the tar it starts): the stage's

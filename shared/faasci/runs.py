@@ -42,6 +42,9 @@ class Attempt(BaseModel):
     exit_code: int | None = None
     reason: str | None = None  # why it failed: "exit", "timeout" or "infra"
     error: str | None = None  # one line a person can act on
+    # When it was owed: its stage queued (the previous stage's end, the run's creation) or
+    # its retry due. started_at - queued_at is its wait in the queue (the hop, between stages).
+    queued_at: datetime | None = None
     started_at: datetime = Field(default_factory=now)
     finished_at: datetime | None = None
     duration_s: float | None = None
@@ -60,6 +63,9 @@ class Attempt(BaseModel):
     # The deploy stage: what its rollout did (faasci.rollout.Deployment: target, function or
     # application, image, previous, rolled_back_to, healthy_after_s).
     deployment: dict | None = None
+    # What its processes used (faasci.usage.Usage: cpu_s, peak_rss_bytes, wall_s, commands)
+    # and the environment its run is for (faasci.costs.environment_of), priced by faasci.costs.
+    usage: dict | None = None
 
 
 class StageRun(BaseModel):
@@ -70,6 +76,7 @@ class StageRun(BaseModel):
     finished_at: datetime | None = None
     duration_s: float | None = None
     retry_at: datetime | None = None  # when the next attempt is due, while backing off
+    queued_at: datetime | None = None  # when its next attempt became owed
 
     @property
     def next_attempt(self) -> int:
@@ -110,6 +117,9 @@ class Run(BaseModel):
     image: str | None = None
     # A promotion that needs an admin's approval: asked for, then given (faasci.gitops).
     approval: Approval | None = None
+    # The W3C traceparent of the run's root span (faasci.tracing.begin_run): every stage
+    # attempt's span is its child, so the run is one trace. None when tracing is off.
+    traceparent: str | None = None
 
     def stage(self, name: str) -> StageRun:
         for stage in self.stages:
@@ -131,7 +141,7 @@ def new_run(pipeline: Pipeline, only: str | None = None, **fields) -> Run:
     names = [only] if only else pipeline.stage_names()
     run = Run(pipeline=pipeline, service=pipeline.service, **fields)
     run.stages = [StageRun(name=n) for n in names]
-    run.stages[0].status = "queued"
+    run.stages[0].status, run.stages[0].queued_at = "queued", run.created_at
     return run
 
 
@@ -166,7 +176,7 @@ def claim(run: Run, stage_name: str, attempt: int | None, worker: str) -> Attemp
         raise Conflict(
             f"attempt {wanted} of {stage_name} in run {run.id} was already taken", field="attempt"
         )
-    taken = Attempt(number=wanted, worker=worker, heartbeat_at=now())
+    taken = Attempt(number=wanted, worker=worker, heartbeat_at=now(), queued_at=stage.queued_at)
     stage.attempts.append(taken)
     stage.status = "running"
     stage.retry_at = None
@@ -198,6 +208,7 @@ def finish(
     log_key: str | None = None,
     cache: dict | None = None,
     delivered: dict | None = None,
+    usage: dict | None = None,
 ) -> Next:
     """Record the end of an attempt and decide what follows: the next stage, a retry after
     its back-off, or the end of the run."""
@@ -208,6 +219,7 @@ def finish(
     attempt.status = status
     attempt.exit_code, attempt.reason, attempt.error = exit_code, reason, error
     attempt.log, attempt.log_key, attempt.cache = log, log_key, cache
+    attempt.usage = usage
     for name, value in (delivered or {}).items():  # what the stage's delivery step did
         setattr(attempt, name, value)
     if attempt.image and status == "passed":
@@ -231,12 +243,13 @@ def finish(
         delay = spec.backoff.delay(number)
         stage.status = "queued"
         stage.retry_at = attempt.finished_at + timedelta(seconds=delay)
+        stage.queued_at = stage.retry_at
         return Next(stage=stage_name, attempt=number + 1, delay_s=delay)
 
     _close_stage(stage, status, attempt.finished_at)
     following = run.stage_after(stage_name)
     if status == "passed" and following is not None:
-        following.status = "queued"
+        following.status, following.queued_at = "queued", attempt.finished_at
         return Next(stage=following.name)
     _end(run, status)
     if status == "failed":

@@ -1,12 +1,13 @@
 """The `runs` function's resource: GET / (history), GET /<id> (one run), POST / (start one),
 POST /<id>/cancel (stop one), POST /<id>/approve (an admin lets a promotion go on),
-GET /audit (the audit trail), GET /graph (the services' dependency graph)."""
+GET /audit (the audit trail), GET /graph (the services' dependency graph), GET /costs (what
+runs cost: faasci.costs), GET and PUT /limits/<service> (faasci.limits)."""
 
 from __future__ import annotations
 
 import re
 
-from . import audit, downstream, gitops, runs
+from . import audit, costs, downstream, gitops, limits, runs
 from .api import Route, json_body, run_id_field, string_field
 from .errors import UserError
 from .services import run_store
@@ -88,6 +89,25 @@ ROUTES = [
     Route("GET", "/", "viewer", history),
     Route("GET", "/audit", "admin", lambda event, principal: audit_entries(event.query)),
     Route("GET", "/graph", "viewer", lambda event, principal: dependency_graph()),
+    # ?by=service|stage|environment (default service), ?since=YYYY-MM-DD (default: this month)
+    Route(
+        "GET",
+        "/costs",
+        "viewer",
+        lambda event, principal: costs.costs(
+            event.query.get("by") or "service", event.query.get("since") or None
+        ),
+    ),
+    # A service's limits (faasci.limits: concurrency cap, burst, budget) and its cap's use now.
+    Route(
+        "GET", "/limits/<service>", "viewer", lambda event, principal, service: limits.show(service)
+    ),
+    Route(
+        "PUT",
+        "/limits/<service>",
+        "admin",
+        lambda event, principal, service: limits.update(service, json_body(event)),
+    ),
     Route("GET", "/<run_id>", "viewer", show),
     Route("POST", "/", "runner", start),
     Route("POST", "/<run_id>/cancel", "runner", cancel),

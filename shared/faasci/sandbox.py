@@ -38,6 +38,8 @@ from typing import BinaryIO
 
 from . import shell
 from .settings import settings
+from .usage import Usage, read_cgroup
+from .usage import cgroup_dir as usage_cgroup_dir
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -255,6 +257,8 @@ class Container:
 
     def __init__(self, container, log: BinaryIO):
         self.container = container
+        self._started, self._ended, self._cgroup = time.monotonic(), None, None
+        self._used: Usage | None = None  # the last reading of its cgroup
         self._copier = threading.Thread(target=self._copy, args=(log,), daemon=True)
         self._copier.start()
 
@@ -268,9 +272,29 @@ class Container:
         self.container.reload()
         if self.container.status in ENDED:
             self._copier.join(timeout=10)
+            self._ended = self._ended or time.monotonic()
             return self.container.attrs["State"]["ExitCode"]
+        self._measure()
         time.sleep(timeout)
         return None
+
+    def _measure(self) -> None:
+        """Read its cgroup while it runs (the engine removes it with the container): the
+        last reading stands for the command's usage (faasci.usage)."""
+        if self._cgroup is None:
+            pid = (self.container.attrs.get("State") or {}).get("Pid") or 0
+            self._cgroup = usage_cgroup_dir(pid) if pid else None
+        read = read_cgroup(self._cgroup) if self._cgroup else None
+        if read is not None:
+            self._used = Usage(cpu_s=read[0], peak_rss_bytes=read[1], commands=1)
+
+    def usage(self) -> Usage | None:
+        """Its cgroup's CPU seconds and peak memory at the last reading (None when none
+        could be read: a command that ended before the first poll, cgroup v1)."""
+        if self._used is None:
+            return None
+        wall = (self._ended or time.monotonic()) - self._started
+        return self._used.model_copy(update={"wall_s": wall})
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

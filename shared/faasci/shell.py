@@ -25,8 +25,13 @@ from typing import BinaryIO, Protocol
 
 import psutil
 
+from . import tracing
+from .usage import Usage, from_rusage, own_rss, tree_hwm
+from .usage import record as record_usage
+
 KILL_GRACE_S = 5
 POLL_S = 0.2
+SAMPLE_S = 0.05  # how often a running command's memory high-water marks are read
 PR_SET_PDEATHSIG = 1
 
 
@@ -70,6 +75,8 @@ class Running(Protocol):
 
     def kill(self) -> None: ...  # whatever is left of it, at once
 
+    def usage(self) -> Usage | None: ...  # what it used (faasci.usage), once it ended
+
 
 Launch = Callable[[str, dict[str, str], BinaryIO], Running]
 
@@ -79,12 +86,45 @@ class Process:
 
     def __init__(self, proc: subprocess.Popen):
         self.proc, self.group = proc, proc.pid
+        self._started, self._used, self._at_stop = time.monotonic(), None, None
+        # What its first process inherited by the fork, and the tree's high-water marks
+        # seen while it runs (usage.from_rusage), read every SAMPLE_S.
+        self._inherited, self._hwm, self._sampled_at = own_rss(), 0, time.monotonic()
 
     def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        """Reaped with wait4 (as Popen.wait polls, backing off to 50 ms): its rusage is the
+        command's and every descendant's it waited for (faasci.usage)."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        deadline, delay = time.monotonic() + timeout, 0.0005
+        while True:
+            try:
+                pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: as Popen, its code is unknown
+                self.proc.returncode = 0
+                return 0
+            if pid:
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                self._used = from_rusage(rusage, time.monotonic() - self._started,
+                                         self._inherited, self._hwm)  # fmt: skip
+                if self._at_stop is not None:  # see stop
+                    self._used = self._used.model_copy(update={
+                        "cpu_s": max(self._used.cpu_s, self._at_stop.cpu_s),
+                        "peak_rss_bytes": max(self._used.peak_rss_bytes,
+                                              self._at_stop.peak_rss_bytes)})  # fmt: skip
+                return self.proc.returncode
+            now = time.monotonic()
+            if now - self._sampled_at >= SAMPLE_S:
+                self._hwm, self._sampled_at = max(self._hwm, tree_hwm(self.proc.pid)), now
+            remaining = deadline - now
+            if remaining <= 0:
+                return None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    def usage(self) -> Usage | None:
+        """What it used, once reaped."""
+        return self._used
 
     def stop(self) -> None:
         """TERM every process of the command, KILL the group if it is still there after
@@ -92,16 +132,33 @@ class Process:
         the rest at once, with no time to clean up."""
         with contextlib.suppress(psutil.Error):
             leader = psutil.Process(self.proc.pid)
-            for member in [leader, *leader.children(recursive=True)]:
+            members = leader.children(recursive=True)
+            # What the tree used so far: once killed, its processes may be reaped by no one
+            # who reports to the leader, whose rusage then falls short of this.
+            self._at_stop = sampled([leader, *members])
+            for member in [leader, *members]:
                 with contextlib.suppress(psutil.Error):
                     if member.name() != "unshare":
                         member.terminate()
         self.wait(KILL_GRACE_S)
         self.kill()
-        self.proc.wait()
+        while self.wait(KILL_GRACE_S) is None:  # reaped here, so its usage is counted
+            pass
 
     def kill(self) -> None:
         kill_group(self.proc.pid, signal.SIGKILL)
+
+
+def sampled(processes: list[psutil.Process]) -> Usage:
+    """What live processes used so far: CPU, theirs and their reaped children's; the largest
+    resident set."""
+    cpu, peak = 0.0, 0
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            cpu += t.user + t.system + t.children_user + t.children_system
+            peak = max(peak, p.memory_info().rss)
+    return Usage(cpu_s=cpu, peak_rss_bytes=peak)
 
 
 def plain(cwd: Path) -> Launch:
@@ -128,9 +185,11 @@ def run_commands(commands: list[str], launch: Launch, env: dict[str, str], timeo
         if pgid_file and running.group:
             pgid_file.write_text(str(running.group))
         try:
-            code = _wait(running, deadline, cancel)
+            with tracing.command_span(command):  # a child of the attempt's span
+                code = _wait(running, deadline, cancel)
         finally:
             running.kill()
+            record_usage(running.usage())  # counted on the attempt (faasci.usage.metered)
             if pgid_file:
                 pgid_file.unlink(missing_ok=True)
         if code == "timeout":

@@ -34,11 +34,14 @@ from pathlib import Path
 from . import (
     audit,
     cache,
+    caps,
+    costs,
     downstream,
     git,
     gitops,
     images,
     invalidation,
+    metrics,
     rollout,
     runs,
     scan,
@@ -47,6 +50,8 @@ from . import (
     spool,
     stage_secrets,  # fmt: skip
     timers,
+    tracing,
+    usage,
 )
 from .errors import NotFound
 from .invoke import InvocationError
@@ -71,6 +76,8 @@ COMMANDS_ONLY = {
 }
 
 
+@caps.capped  # a slot of the service's concurrency cap, waited for in order (faasci.caps)
+@tracing.attempt_scope  # the attempt's span and log fields end with the call
 def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     """Run one attempt of `stage`; Conflict when it is not this caller's to run."""
     store = services.run_store()
@@ -81,6 +88,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
         run_id, lambda r: runs.claim(r, stage, attempt, worker), "stage.started"
     )
     number = taken.number
+    tracing.begin_attempt(run, stage, number)  # a span in the run's trace (its record's)
     log.info("run %s: %s attempt %d started", run_id, stage, number)
     arm_lease(run_id, stage, number)
     workdir = settings().workdir / f"{run_id}-{stage}-{number}"
@@ -91,11 +99,12 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
     watcher = Watcher(run_id, stage, number)
     watcher.start()
     kept = None
+    metrics.stage_started(run, stage, taken)  # its wait in the queue; one more in flight
     try:
         held = stage_secrets.load(run, stage)  # this stage's own secrets, and their masker
         # Streamed to S3 while the commands write it (masked, capped: faasci.logs.LiveLog).
         live = LiveLog(log_file, log_key(run_id, stage, number), held.masker)
-        with log_file.open("wb") as out, stage_secrets.in_use(held), live:
+        with log_file.open("wb") as out, stage_secrets.in_use(held), live, usage.metered() as used:
             outcome, reason, error, cache_report, delivered = _run_commands(
                 run, stage, number, workdir, out, watcher, held
             )
@@ -108,17 +117,21 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
             "run_id": run_id, "stage": stage, "attempt": number, "exit_code": outcome.exit_code,
             "cancelled": outcome.cancelled, "reason": reason, "error": error,
             "cache": cache_report, "delivered": delivered,
+            "usage": costs.usage_record(run, used.total),
             "log_metadata": live.metadata()})  # fmt: skip
         remove_tree(workdir)
         run, following, reason, error, link = store_result(kept)
     finally:
         watcher.stop()
+        metrics.stage_left(run, stage)
         remove_tree(workdir)
         if kept is not None:
             kept.release()
     hand_on(run_id, following)
     downstream.after_stage(run, stage)  # a released library: its dependents' integration runs
+    costs.after_attempt(run, stage, number)  # its month's spend, and the budget's alerts
     recorded = run.stage(stage).attempts[number - 1].status
+    metrics.stage_finished(run, stage, run.stage(stage).attempts[number - 1], cache_report)
     log.info("run %s: %s attempt %d %s", run_id, stage, number, recorded)
     result = {
         "run_id": run_id,
@@ -455,7 +468,8 @@ def store_result(kept: spool.Kept) -> tuple[Run, Next, str | None, str | None, s
         run_id, stage, number, until,
         lambda r: runs.finish(r, stage, number, status=status, exit_code=done["exit_code"],
                               reason=reason, error=error, log=link, log_key=key,
-                              cache=done["cache"], delivered=done.get("delivered")),
+                              cache=done["cache"], delivered=done.get("delivered"),
+                              usage=done.get("usage")),
     )  # fmt: skip
     return run, following, reason, error, link
 
@@ -476,6 +490,7 @@ def _recover(kept: spool.Kept) -> None:
         run, following, *_ = store_result(kept)
         hand_on(run_id, following)
         downstream.after_stage(run, kept.outcome["stage"])  # as execute does
+        costs.after_attempt(run, kept.outcome["stage"], kept.outcome["attempt"])
         kept.release()
     except Exception as e:  # kept for the next start, until the spool's sweep
         log.error("storing the result %s failed: %s", kept.dir.name, e)
@@ -639,9 +654,12 @@ def _invoke_owed(run_id: str, stage: str | None, number: int, grace_s: float) ->
     overdue = (runs.now() - owed.since).total_seconds() - grace_s
     if overdue < 0:
         return -overdue + 1
+    if grace_s and caps.waiting(run, owed.function, owed.attempt):  # queued for a slot: alive
+        return HANDOFF_GRACE_S
     if grace_s:
         log.warning("run %s: %s (attempt %d) not started %.0fs after its hand-off; invoking it",
                     run_id, owed.function, owed.attempt, overdue + grace_s)  # fmt: skip
+        metrics.stuck(run, owed.function, "handoff")
     try:
         if owed.function == "notifier":
             _invoke("notifier", {"run_id": run_id}, f"{run_id}.notify", patient=False)
@@ -675,6 +693,7 @@ def on_lease_timer(timer: dict) -> float | None:
     if min(silent, reachable) < timedelta(seconds=LEASE_S):
         return LEASE_S - min(silent, reachable).total_seconds() + 1
     log.warning("run %s: %s attempt %d lost (%s)", run_id, stage, number, attempt.worker)
+    metrics.stuck(run, stage, "lost")
     guard_handoff(run_id, stage, number)  # as a worker does before recording the end
 
     def lose(r: Run) -> Next:  # compare-and-set: a heartbeat or the worker's record landing

@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from . import STAGES, audit, downstream, git, images, pipeline, services
+from . import STAGES, audit, downstream, git, images, pipeline, services, tracing
 from .errors import Unprocessable
 from .runs import Run, new_run
 from .settings import settings
@@ -57,12 +57,14 @@ def start_run(
         trigger=trigger,
         image=image,
     )
+    run.traceparent = tracing.begin_run(run)  # the root of the run's one trace
     audit.record("run.start", repo=repo, ref=run.ref, commit=run.commit, run=run.id,
                  detail={"trigger": trigger, **({"only": only} if only else {})})  # fmt: skip
     services.run_store().create(run)
     log.info("run %s: %s@%s (%s) from %s", run.id, run.service, run.ref, run.commit[:12], trigger)
     if dispatch_first:
-        hand_to_first(run.id, run.stages[0].name)  # guarded: never left queued
+        with tracing.within(run):  # the hand-off carries the run's traceparent
+            hand_to_first(run.id, run.stages[0].name)  # guarded: never left queued
     if not only:  # the service catalog (faasci graph), and a push's version bump
         downstream.on_run_start(run, entry)
     return run

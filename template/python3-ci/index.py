@@ -30,11 +30,17 @@ import threading
 import time
 
 from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from waitress import serve
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import ClosingIterator
 
 from function import handler
+
+try:  # a request's traceparent continues its trace (OpenTelemetry, faasci.tracing)
+    from faasci import tracing
+except ImportError:  # a handler without the faasci library
+    tracing = None
 
 MAX_BODY_BYTES = 256_000  # the OpenFaaS queue-worker's cap, enforced for every invocation
 MAX_JSON_DEPTH = 64  # arrays and objects inside one another, in any JSON body
@@ -111,6 +117,8 @@ class Drain:
             else:
                 log.warning("drain timeout: exiting with %d requests in flight", self.in_flight)
             log.info("drained; exiting")
+            if tracing is not None:
+                tracing.flush()  # the spans still batched
             logging.shutdown()  # flushes the log handlers
             sys.stdout.flush()
             sys.stderr.flush()
@@ -175,13 +183,27 @@ def ready():
     return json_response(200 if ok else 503, body)
 
 
+@app.route("/_/metrics")
+def prometheus_metrics():
+    """This process's Prometheus metrics (one process, one registry: faasci.metrics), for the
+    platform's Prometheus, which scrapes this port directly (stack.yml's prometheus.io.*
+    annotations). Through the gateway, which always sets X-Call-Id, it is not found: a
+    function's metrics name services and are no one else's to read."""
+    if request.headers.get("X-Call-Id"):
+        return json_response(404, {"error": f"no route {request.path}", "field": "path"})
+    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
 @app.route("/", defaults={"path": ""}, methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
 @app.route("/<path:path>", methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
 def call_handler(path):
     if json_depth(request.get_data()) > MAX_JSON_DEPTH:  # before any handler parses it
         return json_response(400, {"error": "request body nests arrays/objects deeper than "
                                    f"{MAX_JSON_DEPTH}", "field": "body"})  # fmt: skip
-    return format_response(handler.handle(Event(), Context()))
+    if tracing is None:
+        return format_response(handler.handle(Event(), Context()))
+    with tracing.request(request.headers, request.method, request.path):
+        return format_response(handler.handle(Event(), Context()))
 
 
 def json_depth(body: bytes) -> int:
@@ -211,17 +233,23 @@ def unexpected_error(e: Exception):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=os.getenv("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message).2000s",
-    )
-    try:  # the platform's secrets, and those of running stages, masked in this log
-        from faasci.masking import install_filter
-    except ImportError:  # a handler without the faasci library
-        pass
-    else:
-        install_filter()
+    if tracing is None:  # a handler without the faasci library: plain lines
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=os.getenv("LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)s %(name)s: %(message).2000s",
+        )
+        try:  # faasci without its tracing's libraries: its secrets masked all the same
+            from faasci.masking import install_filter
+        except ImportError:
+            pass
+        else:
+            install_filter()
+    else:  # JSON lines (faasci.jsonlog), the platform's and running stages' secrets masked
+        from faasci import jsonlog
+
+        jsonlog.configure()
+        tracing.setup()  # service.name: this function's (FAASCI_FUNCTION)
     signal.signal(signal.SIGTERM, drain.start)
     serve(
         app,

@@ -534,7 +534,7 @@ def test_ready_is_503_naming_nats_url_when_nats_is_unreachable(tmp_path):
             time.sleep(1)
         text = log.read_text()
     assert "Traceback" not in text, text
-    assert text.count("faasci.bus: NATS at") == 1, text  # state changes only
+    assert text.count('"logger": "faasci.bus", "message": "NATS at') == 1, text  # changes only
     assert text.count("not ready:") == 1, text
 
 

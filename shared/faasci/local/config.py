@@ -43,6 +43,12 @@ class LocalConfig:
     vault_port: int = 8200  # the local OpenBao (openbao.py)
     registry_port: int = 5000  # the local image registry (Distribution's docker-registry)
     git_port: int = 9418  # git daemon serving the environment repository (promotions)
+    prometheus_port: int = 9090  # Prometheus scraping the stack (up --observe: prometheus.py)
+    # `faasci up --observe`: Jaeger (jaeger.py) and Prometheus run beside the stack, and the
+    # functions export their spans to Jaeger's OTLP/HTTP port; its UI and API on jaeger_ui_port.
+    observe: bool = False
+    jaeger_otlp_port: int = 4318
+    jaeger_ui_port: int = 16686  # its query gRPC port is the one below (16685), as Jaeger's
 
     @classmethod
     def from_env(cls, stack_file: Path | None = None) -> LocalConfig:
@@ -61,6 +67,10 @@ class LocalConfig:
             vault_port=int(os.environ.get("FAASCI_VAULT_PORT", "8200")),
             registry_port=int(os.environ.get("FAASCI_REGISTRY_PORT", "5000")),
             git_port=int(os.environ.get("FAASCI_GIT_PORT", "9418")),
+            prometheus_port=int(os.environ.get("FAASCI_PROMETHEUS_PORT", "9090")),
+            observe=os.environ.get("FAASCI_OBSERVE") == "1",
+            jaeger_otlp_port=int(os.environ.get("FAASCI_JAEGER_OTLP_PORT", "4318")),
+            jaeger_ui_port=int(os.environ.get("FAASCI_JAEGER_UI_PORT", "16686")),
         )
 
     @property
@@ -134,6 +144,12 @@ class LocalConfig:
             "DOCKER_HOST": Engine.for_stack(self).docker_host,
             # Trivy's cache, with the offline database `up` writes (faasci.scan).
             "TRIVY_CACHE_DIR": str(self.trivy_cache),
+            # Spans leave a function only when the stack observes (faasci.tracing);
+            # FAASCI_TRACING=off (the benchmark's comparison) turns tracing off in all of them.
+            **({"OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint} if self.observe else {}),
+            **({"FAASCI_TRACING": v} if (v := os.environ.get("FAASCI_TRACING")) else {}),
+            # FAASCI_METRICS=off likewise turns the functions' metrics off (faasci.metrics).
+            **({"FAASCI_METRICS": v} if (v := os.environ.get("FAASCI_METRICS")) else {}),
         }
 
     @property
@@ -154,7 +170,21 @@ class LocalConfig:
             "FAASCI_VAULT_PORT": str(self.vault_port),
             "FAASCI_REGISTRY_PORT": str(self.registry_port),
             "FAASCI_GIT_PORT": str(self.git_port),
+            "FAASCI_PROMETHEUS_PORT": str(self.prometheus_port),
+            "FAASCI_OBSERVE": "1" if self.observe else "0",
+            "FAASCI_JAEGER_OTLP_PORT": str(self.jaeger_otlp_port),
+            "FAASCI_JAEGER_UI_PORT": str(self.jaeger_ui_port),
         }
+
+    @property
+    def otlp_endpoint(self) -> str:
+        """Where the functions send their spans when observing (OTLP over HTTP, Jaeger)."""
+        return f"http://127.0.0.1:{self.jaeger_otlp_port}"
+
+    @property
+    def jaeger_url(self) -> str:
+        """Jaeger's UI and query API (/api/traces/<trace id>)."""
+        return f"http://127.0.0.1:{self.jaeger_ui_port}"
 
 
 def tool(name: str) -> str:

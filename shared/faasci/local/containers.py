@@ -110,6 +110,12 @@ class FunctionContainer(FunctionInstance):
             "OIDC_ISSUER": cfg.oidc_issuer,
             "OIDC_AUDIENCE": "faasci",
             "OIDC_JWKS_URL": f"http://{host}:{cfg.oidc_port}/jwks",
+            # Spans to Jaeger, when the stack observes (faasci.tracing).
+            **(
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{host}:{cfg.jaeger_otlp_port}"}
+                if cfg.observe
+                else {}
+            ),
             # The project is mounted (local_repos), and with it the stack's home when it
             # lies inside: its secrets folder and OpenBao's keys. Stages must not see it.
             "FAASCI_SANDBOX_HIDE": str(cfg.home),

@@ -15,6 +15,8 @@ from ..objects import ObjectStore
 from ..settings import Settings
 from . import processes, services
 from .config import LocalConfig
+from .observe import parts as observe_parts
+from .observe import start as observe_start
 from .provider import DRAIN_S, kill_stale
 
 # Secrets the stack can make for itself, and those it leaves empty for people to fill in
@@ -81,14 +83,17 @@ def ensure_secrets(cfg: LocalConfig) -> None:
                 f.write((cfg.secrets_dir / source).read_text())
 
 
-def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
+def up(cfg: LocalConfig, say=print, containers: bool = False, observe: bool = False) -> bool:
     """Start whatever part of the stack is not running (or not answering): False when every
     part was up already. A dead NATS, S3 or registry under a live gateway is started and
     the gateway is left alone (its functions reconnect); a dead gateway is replaced, with
     whatever function processes and commands it left behind. With `containers`, every
-    function's image is built and run as a container (see containers.py)."""
+    function's image is built and run as a container (see containers.py). With `observe`,
+    Jaeger and Prometheus run beside it (observe.py) and the functions export to them."""
     if containers:
         cfg = replace(cfg, containers=True)
+    if observe:
+        cfg = replace(cfg, observe=True)
     before = status(cfg)
     # Functions that are not ready are the provider's to restart, not up's.
     if not [part for part in before["down"] if part != "functions"]:
@@ -131,6 +136,7 @@ def up(cfg: LocalConfig, say=print, containers: bool = False) -> bool:
         say(f"Vault (OpenBao) on {cfg.vault_url}")
     store = ObjectStore(settings)
     processes.wait_until(lambda: store.ensure_bucket() is None, 60, "the S3 bucket")
+    observe_start(cfg, env, say)  # before the functions, which export to them
     connector = services.cron_connector_argv()
     if parts["gateway"]["healthy"]:
         # The gateway and its functions keep running (and their stages with them): they
@@ -251,6 +257,7 @@ def status(cfg: LocalConfig) -> dict:
     connector = services.cron_connector_argv()
     pid = processes.pid_of(cfg.run, "cron-connector")
     parts["cron-connector"] = {"pid": pid, "healthy": bool(pid), "used": bool(connector)}
+    parts.update(observe_parts(cfg))  # Jaeger and Prometheus, when the stack observes
     functions = {"ready": 0, "total": 0, "not_ready": []}
     if parts["gateway"]["healthy"]:
         try:
@@ -289,7 +296,8 @@ def not_ready_report(cfg: LocalConfig) -> str:
 def down(cfg: LocalConfig, say=print) -> None:
     """Stop the gateway (and with it every function), the registry, S3 and NATS; data stays
     for next time."""
-    parts = ("cron-connector", "gateway", "vault", "oidc", "git", "registry", "s3", "nats")
+    parts = ("cron-connector", "gateway", "vault", "oidc", "git", "registry", "s3", "nats",
+             "jaeger", "prometheus")  # fmt: skip
     # The gateway first drains its functions (DRAIN_S each, all at once).
     stopped = [name for name in parts if processes.stop(cfg.run, name, timeout=DRAIN_S + 15)]
     if killed := kill_stale(cfg):  # left by a gateway that was killed

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 from flask import Flask, Response, jsonify, request
 from waitress import serve
 
+from .. import metrics
 from .. import stack as stack_file
 from ..bus import Bus
 from ..errors import NotFound, UserError
@@ -183,6 +184,12 @@ def create_app(provider: Provider, bus: Bus, callback_allow: list[str] | None = 
     def healthz():
         return Response("OK")
 
+    @app.get("/metrics")
+    def prometheus_metrics():
+        """The gateway's metrics (its queue's backlog), as OpenFaaS's gateway serves its own."""
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
     @app.errorhandler(413)
     def too_large(e):
         return error(413, f"request body is over {SYNC_MAX_BYTES} bytes", "body")
@@ -230,6 +237,7 @@ def main() -> None:
     bus = Bus(cfg.nats_url, name="faasci-gateway", **client_settings(cfg).nats_credentials())
     app = create_app(provider, bus, callback_allow_list(cfg.gateway_url))
     bus.call(queue.ensure_queue, bus, patience=60)  # async requests can be taken from the start
+    metrics.watch_queue(lambda: bus.call(queue.backlog, bus, timeout=3))
     provider.start()
 
     worker = queue.QueueWorker(

@@ -247,6 +247,12 @@ def function_instance(spec: FunctionSpec, port: int, cfg: LocalConfig) -> Functi
     return FunctionProcess(spec, port, cfg)
 
 
+def function_ports(cfg: LocalConfig, stack: Stack) -> dict[str, int]:
+    """The port of each function of stack.yml: the gateway's next ones, in the file's order
+    (Prometheus scrapes them: prometheus.py)."""
+    return {name: cfg.gateway_port + 1 + i for i, name in enumerate(stack.functions)}
+
+
 @dataclass
 class Deployment:
     """A deployed function: its instance (at most one replica locally) and since when."""
@@ -265,7 +271,7 @@ class Provider:
     def __init__(self, cfg: LocalConfig, stack: Stack):
         self.cfg, self.stack = cfg, stack
         # One port per function, kept across redeployments.
-        self.ports = {name: cfg.gateway_port + 1 + i for i, name in enumerate(stack.functions)}
+        self.ports = function_ports(cfg, stack)
         self.functions: dict[str, Deployment] = {}
         self._lock = threading.RLock()  # deployments change under it; the supervisor too
         self._stopping = threading.Event()

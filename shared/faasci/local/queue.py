@@ -81,6 +81,12 @@ async def ensure_queue(bus: Bus) -> None:
     await bus.ensure_stream(STREAM, [f"{STREAM}.>"], **STREAM_CONFIG)
 
 
+async def backlog(bus: Bus) -> tuple[int, int]:
+    """(requests waiting for the worker, requests it holds): its consumer's counts."""
+    info = await (await bus.js()).consumer_info(STREAM, DURABLE)
+    return info.num_pending, info.num_ack_pending
+
+
 class QueueWorker:
     def __init__(self, bus: Bus, invoke, concurrency: int = 32):
         """`invoke(function, path, method, query, headers, body) -> (status, headers, body)`
