@@ -49,6 +49,22 @@ What each figure means:
   resident memory (MiB) of the serving processes, pipeline-log and the gateway, idle
   before and at their peak while serving (target: < 100), and the CLI's peak (its
   ru_maxrss). Also the unit function's peak while its stage streamed the log live to S3.
+- `hops`: HOP_RUNS runs, one after another, of a six-stage pipeline of `true`: every hop, from
+  one stage attempt's end (finished_at in the record) to the next stage's attempt start
+  (its started_at), in ms: `hop_ms_p50`, `hop_ms_p99` (targets <= 5 and <= 50), over at
+  least 200 hops.
+- `throughput`: BURST_RUNS runs of the same pipeline started at once (POSTed from 20
+  threads): `runs` started, `runs_lost` (not ended passed within BURST_TIMEOUT_S),
+  `runs_duplicated` (a stage with more than one attempt, or a run id given twice) and
+  `runs_per_minute`, runs that passed per minute from the first POST to the last end
+  (target >= 600).
+- `cold_start_ms`: a function scaled to zero, then to one (the gateway's
+  /system/scale-function), until its first good answer (200 from GET /_/ready through the
+  gateway), polled every 5 ms: the median over COLD_STARTS starts of each of COLD_FUNCTIONS
+  (target <= 300).
+- `observability_overhead_ratio`: the median wall of OBSERVED_RUNS runs of the six-stage
+  pipeline with tracing and metrics on (as always), over the same with both switched off
+  (OBSERVABILITY_OFF, the stack restarted) (target <= 1.02).
 - `polling`: the interval of the runs' polling and how long one GET took (its cost).
 - `machine`: where the figures were taken (with the load average at the start and the end:
   other work on the machine skews every figure).
@@ -59,6 +75,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import shlex
@@ -89,10 +106,12 @@ BENCH_STACK = {
     "FAASCI_S3_PORT": "38333",
     "FAASCI_LOG_MAX_BYTES": "200M",  # the cap the logs part sees its 300 MB log cut to
 }
-PARTS = ("corpus", "noop", "cache", "logs")
+PARTS = ("corpus", "noop", "cache", "logs", "hops", "throughput", "cold_start", "observability")
 TARGETS = {"overhead_ratio_warm": 1.15, "overhead_ratio_cold": 1.10,
            "noop_pipeline_s": 0.5, "restore_ms_p50": 50,
-           "log_serving_rss_mib": 100}  # fmt: skip
+           "log_serving_rss_mib": 100, "hop_ms_p50": 5, "hop_ms_p99": 50,
+           "runs_lost": 0, "runs_duplicated": 0, "runs_per_minute": 600,
+           "cold_start_ms": 300, "observability_overhead_ratio": 1.02}  # fmt: skip
 POLL_S = 0.025  # how often a run's record is read while it runs
 RUN_TIMEOUT_S = 3600
 NOOP_RUNS = 5  # counted, after one discarded
@@ -109,6 +128,18 @@ stages:
   lint: {run: ["true"]}
   unit: {run: ["true"]}
 """
+SIX_STAGES = ("lint", "unit", "build", "integration", "promote", "deploy")
+TRIVIAL_PIPELINE = "service: trivial\nstages:\n" + "".join(
+    f'  {name}: {{run: ["true"]}}\n' for name in SIX_STAGES
+)
+HOP_RUNS = 41  # five hops each: 205 hops
+BURST_RUNS = 100  # started at once
+BURST_TIMEOUT_S = 900
+COLD_STARTS = 5  # per function, after one discarded
+COLD_FUNCTIONS = ("lint", "runs")
+OBSERVED_RUNS = 15  # per side of the observability overhead, after one discarded
+# Switch tracing and metrics off in every function (the "without" side of the overhead).
+OBSERVABILITY_OFF = {"FAASCI_TRACING": "off", "FAASCI_METRICS": "off"}
 
 
 def say(*parts) -> None:
@@ -743,6 +774,144 @@ def bench_logs(stack: Stack, scratch: Path) -> dict:
     }
 
 
+def trivial_repo(into: Path, service: str = "trivial") -> Path:
+    repo = into / service
+    repo.mkdir(parents=True)
+    (repo / ".faasci.yml").write_text(TRIVIAL_PIPELINE.replace("trivial", service, 1))
+    commit_all(repo)
+    return repo
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """The nearest-rank percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, math.ceil(len(ordered) * pct / 100) - 1)], 2)
+
+
+def hops_ms(run: dict) -> list[float]:
+    """From each stage's end to the next stage's start (first attempts only), in ms."""
+    hops, previous_end = [], None
+    for stage in run["stages"]:
+        attempts = stage["attempts"]
+        if attempts and previous_end:
+            hops.append(seconds_between(previous_end, attempts[0]["started_at"]) * 1000)
+        previous_end = attempts[-1].get("finished_at") if attempts else None
+    return hops
+
+
+def bench_hops(stack: Stack, scratch: Path) -> dict:
+    repo = trivial_repo(scratch / "hops")
+    stack.run(str(repo))  # discarded: warms the functions
+    hops, statuses = [], []
+    for _ in range(HOP_RUNS):
+        _, record = stack.run(str(repo))
+        hops += hops_ms(record)
+        statuses.append(record["status"])
+    say(f"hops: {len(hops)}, p50 {percentile(hops, 50)} ms, p99 {percentile(hops, 99)} ms")
+    return {"hop_ms_p50": percentile(hops, 50), "hop_ms_p99": percentile(hops, 99),
+            "hop_ms_max": max(hops, default=None), "hops": len(hops),
+            "verdict": verdict(statuses)}  # fmt: skip
+
+
+def bench_throughput(stack: Stack, scratch: Path) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = trivial_repo(scratch / "throughput")
+    stack.run(str(repo))  # discarded: warms the functions
+
+    def start(_) -> str | None:
+        resp = stack.gateway.call("runs", {"repo": str(repo)}, timeout=300)
+        return resp.json()["id"] if resp.status_code < 300 else None
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        ids = list(pool.map(start, range(BURST_RUNS)))
+    started = [i for i in ids if i]  # a refused POST is a lost run
+    say(f"throughput: {len(started)} runs started in {time.monotonic() - began:.1f}s")
+    records: dict[str, dict] = {}
+    while len(records) < len(set(started)) and time.monotonic() - began < BURST_TIMEOUT_S:
+        for run_id in [i for i in started if i not in records]:
+            got = stack.gateway.call("runs", method="GET", path=run_id)
+            if got.ok and got.json().get("status") in FINISHED:
+                records[run_id] = got.json()
+        time.sleep(0.5)
+    passed = [r for r in records.values() if r["status"] == "passed"]
+    ends = [datetime.fromisoformat(r["finished_at"]) for r in passed]
+    first = min((datetime.fromisoformat(r["created_at"]) for r in records.values()), default=None)
+    span_s = (max(ends) - first).total_seconds() if ends and first else None
+    twice = [r for r in records.values() if any(len(s["attempts"]) > 1 for s in r["stages"])]
+    loaded = [h for r in passed for h in hops_ms(r)]
+    return {"runs": len(ids), "runs_passed": len(passed), "runs_lost": len(ids) - len(passed),
+            "runs_duplicated": len(twice) + len(started) - len(set(started)),
+            "runs_per_minute": round(len(passed) / span_s * 60, 1) if span_s else None,
+            "span_s": round(span_s, 2) if span_s else None,
+            "hop_ms_p50_under_load": percentile(loaded, 50)}  # fmt: skip
+
+
+def scale(stack: Stack, name: str, replicas: int) -> None:
+    from faasci.local import control
+
+    resp = requests.post(f"{stack.gateway.url}/system/scale-function/{name}", timeout=30,
+                         json={"serviceName": name, "replicas": replicas},
+                         auth=control.system_auth(stack.cfg))  # fmt: skip
+    if resp.status_code >= 300:
+        raise RuntimeError(f"scale {name} to {replicas}: HTTP {resp.status_code} {resp.text[:200]}")
+
+
+def cold_start_ms(stack: Stack, name: str) -> float:
+    """Scaled to zero, then to one: ms until GET /_/ready answers 200 through the gateway."""
+    scale(stack, name, 0)
+    deadline = time.monotonic() + 60
+    while stack.gateway.call(name, method="GET", path="_/ready", timeout=5).status_code == 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} still answers after scaling to zero")
+        time.sleep(0.05)
+    started = time.monotonic()
+    scale(stack, name, 1)
+    while time.monotonic() - started < 60:
+        try:
+            if stack.gateway.call(name, method="GET", path="_/ready", timeout=5).ok:
+                return round((time.monotonic() - started) * 1000, 1)
+        except requests.RequestException:
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"{name} not ready 60s after scaling to one")
+
+
+def bench_cold_start(stack: Stack) -> dict:
+    samples = {}
+    for name in COLD_FUNCTIONS:
+        cold_start_ms(stack, name)  # discarded: the first start after up reads files cold
+        samples[name] = [cold_start_ms(stack, name) for _ in range(COLD_STARTS)]
+        say(f"cold start {name}: {samples[name]} ms")
+    return {"cold_start_ms": median([ms for found in samples.values() for ms in found]),
+            "samples_ms": samples}  # fmt: skip
+
+
+def bench_observability(stack: Stack, scratch: Path) -> dict:
+    """The same runs with tracing and metrics on, then (the stack restarted) off."""
+    repo = trivial_repo(scratch / "observed")
+    walls = {}
+    for side, env in (("on", {}), ("off", OBSERVABILITY_OFF)):
+        if env:
+            stack.down()
+            os.environ.update(env)
+            stack.up()
+        try:
+            stack.run(str(repo))  # discarded: warms the functions
+            walls[side] = [stack.run(str(repo))[0] for _ in range(OBSERVED_RUNS)]
+        finally:
+            for key in env:
+                os.environ.pop(key, None)
+        say(f"observability {side}: median {median(walls[side])}s")
+    stack.down()  # as the other parts found it
+    stack.up()
+    return {"observability_overhead_ratio": ratio(median(walls["on"]), median(walls["off"])),
+            "on_s": walls["on"], "off_s": walls["off"]}  # fmt: skip
+
+
 def machine() -> dict:
     node = shutil.which("node")
     return {
@@ -784,6 +953,15 @@ def run_parts(stack: Stack, scratch: Path, parts: list[str], repeat: int,
         figures["cache"] = attempt("cache", lambda: bench_cache(stack))
     if "logs" in parts:
         figures["logs"] = attempt("logs", lambda: bench_logs(stack, scratch))
+    for part, run in (("hops", lambda: bench_hops(stack, scratch)),
+                      ("throughput", lambda: bench_throughput(stack, scratch)),
+                      ("cold_start", lambda: bench_cold_start(stack)),
+                      ("observability", lambda: bench_observability(stack, scratch))):  # fmt: skip
+        if part in parts:
+            found = attempt(part, run)
+            for key in [k for k in TARGETS if k in found]:  # headline figures on top
+                figures[key] = found[key]
+            figures[part] = found
     return figures
 
 
