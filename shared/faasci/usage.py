@@ -63,16 +63,17 @@ def from_rusage(rusage, wall_s: float, inherited: int = 0, sampled_peak: int = 0
                  wall_s=wall_s, commands=1)  # fmt: skip
 
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
 def own_rss() -> int:
-    """This process's resident set, bytes (what a child forked now starts with, at most)."""
+    """This process's resident high-water mark (VmHWM), bytes: a child forked now starts
+    its own ru_maxrss from it (the fork copies the memory descriptor, its peak with it)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
 def tree_hwm(pid: int) -> int:

@@ -45,6 +45,9 @@ NETWORK = "slirp4netns:allow_host_loopback=true"
 HOST_FROM_CONTAINER = "10.0.2.2"  # slirp4netns's address of the host's loopback
 SECRETS_MOUNT = "/var/openfaas/secrets"
 STOP_GRACE_S = 10  # SIGTERM lets of-watchdog drain; SIGKILL after this
+# A container start takes a second or two; one that has not started in this long (seen
+# in CI: created, never started) is removed and started again by the provider.
+START_S = 60
 LABEL = "faasci.home"
 
 
@@ -248,6 +251,14 @@ class ImageContainer(FunctionContainer):
             if stopped.is_set():
                 return
             container = self._run()
+        except requests.RequestException:  # a read timeout, mostly
+            log.error("function %s: its container did not start within %ds; starting it "
+                      "again", self.spec.name, START_S)  # fmt: skip
+            with (self.cfg.logs / f"{self.spec.name}.log").open("a") as out:
+                out.write(f"faasci: {self.spec.image} did not start within {START_S}s\n")
+            self.remove()
+            proc.returncode = 125
+            return
         except docker.errors.DockerException as e:  # as ErrImagePull, or a port still held
             log.error("function %s: %s did not start: %s", self.spec.name, self.spec.image, e)
             with (self.cfg.logs / f"{self.spec.name}.log").open("a") as out:
@@ -262,20 +273,25 @@ class ImageContainer(FunctionContainer):
         self._follow(proc)
 
     def _run(self):
-        container = self.engine.client.containers.run(
-            self.spec.image,
-            name=self.name,
-            detach=True,
-            labels={LABEL: str(self.cfg.home), "faasci.function": self.spec.name},
-            environment=self.spec.environment,
-            network_mode="slirp4netns",  # a namespace of its own; no way to the host's loopback
-            # An init as PID 1 (catatonit) passes SIGTERM on: a server that is PID 1 itself
-            # would ignore it and hold every update for the whole stop grace.
-            init=True,
-            ports={"8080/tcp": ("127.0.0.1", self.port or None)},
-            volumes={str(self.secrets): {"bind": SECRETS_MOUNT, "mode": "ro"}},
-        )
-        container.reload()
+        starter = docker.DockerClient(base_url=self.engine.docker_host, timeout=START_S)
+        try:
+            container = starter.containers.run(
+                self.spec.image,
+                name=self.name,
+                detach=True,
+                labels={LABEL: str(self.cfg.home), "faasci.function": self.spec.name},
+                environment=self.spec.environment,
+                network_mode="slirp4netns",  # a namespace of its own; no way to the host's loopback
+                # An init as PID 1 (catatonit) passes SIGTERM on: a server that is PID 1 itself
+                # would ignore it and hold every update for the whole stop grace.
+                init=True,
+                ports={"8080/tcp": ("127.0.0.1", self.port or None)},
+                volumes={str(self.secrets): {"bind": SECRETS_MOUNT, "mode": "ro"}},
+            )
+        finally:
+            starter.close()
+        # Through the engine's own client from here on: its log stream and wait have no timeout.
+        container = self.engine.client.containers.get(container.id)
         if not self.port:
             self.port = int(container.ports["8080/tcp"][0]["HostPort"])
         return container
