@@ -259,24 +259,42 @@ class Container:
         self.container = container
         self._started, self._ended, self._cgroup = time.monotonic(), None, None
         self._used: Usage | None = None  # the last reading of its cgroup
-        self._copier = threading.Thread(target=self._copy, args=(log,), daemon=True)
+        self._log, self._copied = log, 0
+        self._copier = threading.Thread(target=self._copy, daemon=True)
         self._copier.start()
 
-    def _copy(self, log: BinaryIO) -> None:
+    def _copy(self) -> None:
         with contextlib.suppress(Exception):  # the container removed meanwhile
             for chunk in self.container.logs(stream=True, follow=True):
-                log.write(chunk)
-                log.flush()
+                self._log.write(chunk)
+                self._log.flush()
+                self._copied += len(chunk)
 
     def wait(self, timeout: float) -> int | None:
         self.container.reload()
         if self.container.status in ENDED:
             self._copier.join(timeout=10)
             self._ended = self._ended or time.monotonic()
+            self._copy_rest()
             return self.container.attrs["State"]["ExitCode"]
         self._measure()
         time.sleep(timeout)
         return None
+
+    def _copy_rest(self) -> None:
+        """What the live copy missed: Podman's followed log of a container that exits within
+        milliseconds can end before its last output (seen in CI: a `cat`'s output lost)."""
+        if self._copier.is_alive():  # still copying: it has the stream's rest
+            return
+        seen = 0
+        with contextlib.suppress(Exception):  # read again as a stream: never whole in memory
+            for chunk in self.container.logs(stream=True, follow=False):
+                new = chunk[max(self._copied - seen, 0) :]
+                seen += len(chunk)
+                if new:
+                    self._log.write(new)
+                    self._copied += len(new)
+            self._log.flush()
 
     def _measure(self) -> None:
         """Read its cgroup while it runs (the engine removes it with the container): the
