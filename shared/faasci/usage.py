@@ -63,17 +63,19 @@ def from_rusage(rusage, wall_s: float, inherited: int = 0, sampled_peak: int = 0
                  wall_s=wall_s, commands=1)  # fmt: skip
 
 
-def own_rss() -> int:
-    """This process's resident high-water mark (VmHWM), bytes: a child forked now starts
-    its own ru_maxrss from it (the fork copies the memory descriptor, its peak with it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+def hwm(pid: int | str = "self") -> int:
+    """A process's resident high-water mark (VmHWM), bytes; 0 when it is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return 0
+
+
+def own_rss() -> int:
+    """This process's resident high-water mark, bytes: a child forked now starts its own
+    ru_maxrss from it (the fork copies the memory descriptor, its peak with it)."""
+    return hwm()
 
 
 def tree_hwm(pid: int) -> int:
@@ -85,17 +87,7 @@ def tree_hwm(pid: int) -> int:
         tree = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
     except psutil.Error:
         return 0
-    peak = 0
-    for member in tree:
-        with (
-            contextlib.suppress(OSError, ValueError, IndexError),
-            open(f"/proc/{member}/status") as f,
-        ):
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-                    break
-    return peak
+    return max(hwm(member) for member in tree)
 
 
 class Meter:
