@@ -92,6 +92,9 @@ def test_at_most_the_cap_hold_slots_and_waiters_get_in_in_arrival_order(on_nats)
             with guard:
                 inside[0] -= 1
 
+    def entered(ledger: caps.Ledger) -> int:
+        return len(ledger.holders) + len(ledger.waiters)
+
     threads, arrivals = [], []
     for i in range(6):
         run = new_run(on_nats, service)
@@ -100,8 +103,9 @@ def test_at_most_the_cap_hold_slots_and_waiters_get_in_in_arrival_order(on_nats)
         thread = threading.Thread(target=work, args=(run.id,))
         thread.start()
         threads.append(thread)
-        if i >= 2:  # queued before the next one comes
-            wait_until(lambda n=i - 1: len(caps.read(service).waiters) == n, "queued")
+        # each one holds or waits before the next one comes, so arrival order is fixed
+        wait_until(lambda n=i + 1: entered(caps.read(service)) == n, "held or queued")
+    wait_until(lambda: len(order) == 2, "the first two in")
     assert order == arrivals[:2]
     for i, run_id in enumerate(arrivals):
         done[run_id].set()
