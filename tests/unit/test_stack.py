@@ -126,6 +126,16 @@ def test_variables_reach_the_function_environment():
     assert loaded.functions["webhook"].environment["SCHEDULED_REPOS"] == "https://x/r.git#main"
 
 
+def test_variables_that_yaml_would_retype_reach_functions_as_written():
+    """A value YAML reads as something else (`off` a boolean, a JSON object a mapping)
+    reaches every function as the text that was set: stack.yml quotes them."""
+    card = '{"currency": "EUR", "cpu_second": 0.00003}'
+    loaded = stack.load(STACK, env={"FAASCI_CAP_SCOPE": "off", "FAASCI_RATE_CARD": card})
+    for name, fn in loaded.functions.items():
+        assert fn.environment["FAASCI_CAP_SCOPE"] == "off", name
+        assert fn.environment["FAASCI_RATE_CARD"] == card, name
+
+
 def test_secrets_labels_and_schedule(loaded):
     """Secrets, labels (through YAML anchors) and the webhook's cron schedule are read."""
     webhook = loaded.functions["webhook"]
