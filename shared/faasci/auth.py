@@ -24,11 +24,14 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import jwt
 import requests
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # imported where a token is checked: it costs a function's start ~25 ms
+    import jwt
 
 log = logging.getLogger("faasci.auth")
 
@@ -275,6 +278,8 @@ def jwks_client(issuer: str, jwks_url: str | None = None) -> jwt.PyJWKClient:
 
 
 def _keep(issuer: str, jwks_url: str) -> jwt.PyJWKClient:
+    import jwt
+
     client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=5,
                              cooldown_duration=KID_REFETCH_S)  # fmt: skip
     with _jwks_lock:
@@ -292,6 +297,8 @@ def bearer_token(header: str) -> str:
 def verify_token(token: str, config: OIDCConfig | None) -> Principal:
     """The user a JWT access token names, once its signature (by the issuer's key), issuer,
     audience, expiry and not-before check out."""
+    import jwt
+
     if config is None:
         raise Unauthorized("bearer tokens are not accepted: no OIDC issuer is configured "
                            "(OIDC_ISSUER)", error="invalid_token")  # fmt: skip
@@ -352,6 +359,8 @@ def roles_of(claims: dict, claim: str) -> frozenset[str]:
 
 def expires_at(token: str) -> float | None:
     """A JWT's exp, unverified (for a client deciding when to fetch a new one)."""
+    import jwt
+
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.PyJWTError:

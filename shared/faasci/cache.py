@@ -35,18 +35,19 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
 import zstandard
-from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from . import git
 from .defaults import DEFAULT_MANIFESTS, project_type
 from .errors import NotFound
-from .objects import ObjectStore
 from .pipeline import CacheSpec
+
+if TYPE_CHECKING:  # boto3 loads with the store itself (faasci.services)
+    from .objects import ObjectStore
 
 log = logging.getLogger("faasci.cache")
 
@@ -359,6 +360,8 @@ class DependencyCache:
         """Unpack the key's archive into the existing folder `into`, streaming (download,
         decompression and unpacking overlap); the archive's size. NotFound when there is
         none; CorruptArchive when it does not check out (`into` then holds rubbish)."""
+        from botocore.exceptions import ClientError
+
         self.objects.ensure_bucket()
         try:
             resp = self.objects.client.get_object(Bucket=self.objects.bucket, Key=key.archive)

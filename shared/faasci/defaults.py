@@ -16,9 +16,7 @@ import shlex
 import tomllib
 from collections.abc import Callable
 
-import dependency_groups
 import yaml
-from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from .errors import Unprocessable
@@ -97,6 +95,9 @@ def _python(files: set[str], read: Reader, why: list[str]) -> dict:
                    "installs the checkout with --no-build-isolation")  # fmt: skip
     groups = pyproject.get("dependency-groups", {})
     if chosen := _test_set(groups):
+        import dependency_groups  # here: with packaging's parser it costs every start ~20 ms
+        from packaging.requirements import InvalidRequirement
+
         try:
             resolved = list(dependency_groups.resolve(groups, *chosen))
         except (LookupError, ValueError, TypeError, InvalidRequirement) as e:
@@ -204,6 +205,8 @@ def _requirement_lines(text: str) -> list[str]:
 
 
 def _name(requirement: str) -> str | None:
+    from packaging.requirements import InvalidRequirement, Requirement
+
     try:
         return canonicalize_name(Requirement(requirement).name)
     except InvalidRequirement:

@@ -40,17 +40,17 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError
 
 from . import git as gitcmd
 from .errors import Conflict, UserError
 from .settings import settings
+
+if TYPE_CHECKING:  # ruamel loads where a file is edited, not in every function's start
+    from ruamel.yaml import YAML
 
 PUSH_TRIES = 5  # pushes refused because the branch moved: re-applied on top this often
 APPROVAL_POLL_S = 1.0  # how often a stage waiting for an approval reads the run record
@@ -235,6 +235,9 @@ def _indents(text: str) -> tuple[int, int]:
 
 def _yaml(text: str) -> tuple[YAML, object]:
     """A round-trip YAML writing as the file is written, and the document."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     yaml = YAML()  # round-trip: comments, order and quotes survive
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap a long line
@@ -255,6 +258,8 @@ def _dump(yaml: YAML, data) -> str:
 def edit(text: str, kind: str, image: str, service: str, entry: str | None = None) -> str:
     """The file's text with `image` written in (`kind`: "helm" or "kustomize"); the very same
     text when it already names that image."""
+    from ruamel.yaml.comments import CommentedMap
+
     repository, digest = split_image(image)
     yaml, data = _yaml(text)
     if data is None:
@@ -269,7 +274,7 @@ def edit(text: str, kind: str, image: str, service: str, entry: str | None = Non
 def _set_helm(data: dict, repository: str, digest: str) -> bool:
     image = data.get("image")
     if image is None:
-        image = data["image"] = CommentedMap()
+        image = data["image"] = type(data)()  # a map of the document's kind (CommentedMap)
     if not isinstance(image, dict):
         raise PromotionFailed("`image` must be a mapping (repository, digest)")
     if image.get("repository") == repository and image.get("digest") == digest:
@@ -292,7 +297,7 @@ def _set_kustomize(data: dict, repository: str, digest: str, service: str,
     )
     found = next((i for i in images if wanted(i)), None)
     if found is None:
-        found = CommentedMap(name=name or service)
+        found = type(data)(name=name or service)
         images.append(found)
     elif (found.get("newName") == repository and found.get("digest") == digest
           and "newTag" not in found):  # fmt: skip

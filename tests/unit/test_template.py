@@ -1,6 +1,7 @@
 """The python3-ci function server (template/python3-ci/index.py) with a test handler."""
 
 import contextlib
+import gc
 import http.client
 import importlib.util
 import json
@@ -347,13 +348,16 @@ def test_is_cron_recognises_cron_connector():
 
 
 def test_loading_index_leaves_no_function_module_behind(tmp_path):
-    """After a load, `function` and sys.path are as they were before."""
+    """After a load, `function` and sys.path are as they were before, and the garbage
+    collector (paused while it loads) collects again, what loaded frozen."""
     path_before = list(sys.path)
     modules_before = function_modules()
+    frozen_before = gc.get_freeze_count()
     root = handler_package(tmp_path, "def handle(event, context):\n    return {'x': 1}\n")
     with loaded_index(root) as module:
         assert sys.modules["function.handler"] is module.handler
         assert module.app.test_client().get("/").get_json() == {"x": 1}
+        assert gc.isenabled() and gc.get_freeze_count() > frozen_before
     assert sys.path == path_before
     assert function_modules() == modules_before
 
