@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
 
@@ -48,6 +48,9 @@ from . import services
 from .bus import compare_and_set
 from .errors import Conflict, NotFound
 from .limits import Limits
+
+if TYPE_CHECKING:
+    from .runs import Run
 
 T = TypeVar("T")
 log = logging.getLogger("faasci.caps")
@@ -425,20 +428,25 @@ def _give_back(scope_key: str, key: str, worker: str) -> None:
 
 
 @contextlib.contextmanager
-def slot(run_id: str, stage: str, attempt: int | None = None) -> Iterator[None]:
+def slot(run_id: str, stage: str, attempt: int | None = None
+         ) -> Iterator[tuple[Run, int] | None]:  # fmt: skip
     """Run the block holding a slot of the run's service (waiting for one, in order), given
     back on every way out. An invocation its claim will refuse anyway (a duplicate, a run
-    that ended) takes none; a duplicate of one already waiting or running raises Taken."""
+    that ended) takes none; a duplicate of one already waiting or running raises Taken.
+    The block gets the record as read here, with its revision (RunStore.update's `seen`),
+    or None."""
     if scope() == "off":
-        yield
+        yield None
         return
     try:
-        run = services.run_store().get(run_id)
+        seen = services.run_store().read(run_id)
     except NotFound:
-        run = None
-    number = _owed(run, stage, attempt) if run else None
+        yield None  # claim answers it
+        return
+    run = seen[0]
+    number = _owed(run, stage, attempt)
     if number is None:  # claim answers it
-        yield
+        yield seen
         return
     scope_key, key = ledger_key(run.service), f"{run_id}.{stage}.{number}"
     worker = f"{socket.gethostname()}:{os.getpid()}/{secrets.token_hex(4)}"
@@ -450,7 +458,7 @@ def slot(run_id: str, stage: str, attempt: int | None = None) -> Iterator[None]:
         _give_back(scope_key, key, worker)
         raise
     try:
-        yield
+        yield seen  # after a wait it may be old: the claim's write then reads it again
     finally:
         if held:
             _give_back(scope_key, key, worker)
@@ -461,7 +469,7 @@ def capped(execute: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(execute)
     def run_capped(run_id: str, stage: str, attempt: int | None = None) -> T:
-        with slot(run_id, stage, attempt):
-            return execute(run_id, stage, attempt)
+        with slot(run_id, stage, attempt) as seen:
+            return execute(run_id, stage, attempt, seen=seen)
 
     return run_capped

@@ -78,14 +78,16 @@ COMMANDS_ONLY = {
 
 @caps.capped  # a slot of the service's concurrency cap, waited for in order (faasci.caps)
 @tracing.attempt_scope  # the attempt's span and log fields end with the call
-def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
-    """Run one attempt of `stage`; Conflict when it is not this caller's to run."""
+def execute(run_id: str, stage: str, attempt: int | None = None,
+            seen: tuple[Run, int] | None = None) -> dict:  # fmt: skip
+    """Run one attempt of `stage`; Conflict when it is not this caller's to run. `seen`: the
+    record as the cap's slot just read it (claimed without reading it again)."""
     store = services.run_store()
     # Unique per execution: a claim written twice (after an ambiguous NATS write) is ours,
     # while a duplicate delivery reaching this same process is not.
     worker = f"{WORKER}/{secrets.token_hex(4)}"
     run, taken = store.update(
-        run_id, lambda r: runs.claim(r, stage, attempt, worker), "stage.started"
+        run_id, lambda r: runs.claim(r, stage, attempt, worker), "stage.started", seen
     )
     number = taken.number
     tracing.begin_attempt(run, stage, number)  # a span in the run's trace (its record's)
@@ -121,13 +123,13 @@ def execute(run_id: str, stage: str, attempt: int | None = None) -> dict:
             "log_metadata": live.metadata()})  # fmt: skip
         remove_tree(workdir)
         run, following, reason, error, link = store_result(kept)
+        hand_on(run_id, following)  # first: the next stage waits on nothing else here
     finally:
         watcher.stop()
         metrics.stage_left(run, stage)
         remove_tree(workdir)
         if kept is not None:
             kept.release()
-    hand_on(run_id, following)
     downstream.after_stage(run, stage)  # a released library: its dependents' integration runs
     costs.after_attempt(run, stage, number)  # its month's spend, and the budget's alerts
     recorded = run.stage(stage).attempts[number - 1].status

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -25,6 +26,7 @@ from .runs import Run
 
 T = TypeVar("T")
 PATIENCE_S = 120
+log = logging.getLogger("faasci.store")
 
 BUCKET = "faasci-runs"
 # The index by service: an empty entry "<service, '.' as '='>.<run id>" per run, so a
@@ -48,6 +50,7 @@ def _service_token(service: str) -> str:
 class RunStore:
     def __init__(self, bus: Bus):
         self.bus = bus
+        self._announcing: set[asyncio.Task] = set()  # events on their way (kept referenced)
 
     async def _kv(self):
         await self.bus.ensure_stream(EVENTS_STREAM, [f"{EVENTS_SUBJECT}.>"], max_age=7 * 24 * 3600)
@@ -62,13 +65,17 @@ class RunStore:
                 if (await self._get(run.id))[0] != run:
                     raise
             await self._index(run)
-            await self._publish(run, "run.created")
+            self._announce(run, "run.created")
 
         self.bus.call(_create, patience=PATIENCE_S)
         return run
 
     def get(self, run_id: str) -> Run:
-        return self.bus.call(self._get, run_id, patience=PATIENCE_S)[0]
+        return self.read(run_id)[0]
+
+    def read(self, run_id: str) -> tuple[Run, int]:
+        """The record and its revision: an `update` may start from them (`seen`)."""
+        return self.bus.call(self._get, run_id, patience=PATIENCE_S)
 
     async def _get(self, run_id: str) -> tuple[Run, int]:
         kv = await self._kv()
@@ -78,22 +85,28 @@ class RunStore:
             raise NotFound(f"no run {run_id!r}", field="run_id") from None
         return Run.model_validate_json(entry.value), entry.revision
 
-    def update(self, run_id: str, change: Callable[[Run], T], event: str | None) -> tuple[Run, T]:
+    def update(self, run_id: str, change: Callable[[Run], T], event: str | None,
+               seen: tuple[Run, int] | None = None) -> tuple[Run, T]:  # fmt: skip
         """Apply `change` to the run atomically; retried on a concurrent write. An exception
         from `change` leaves the record untouched. `event` names the change on NATS (None:
-        not worth an event, such as a heartbeat)."""
+        not worth an event, such as a heartbeat). `seen`: the record as just `read` (its
+        own, not to be used again), changed without reading it again (one round trip less
+        on a stage's start); when it is no longer the newest, the write is refused and the
+        change is applied to the newest."""
 
         async def _update():
             kv = await self._kv()
+            first = seen
             while True:
-                run, revision = await self._get(run_id)
+                run, revision = first or await self._get(run_id)
+                first = None
                 result = change(run)
                 try:
                     await kv.update(run_id, run.model_dump_json().encode(), last=revision)
                 except KeyWrongLastSequenceError:
                     continue
                 if event:
-                    await self._publish(run, event)
+                    self._announce(run, event)
                 return run, result
 
         return self.bus.call(_update, patience=PATIENCE_S)
@@ -195,13 +208,17 @@ class RunStore:
             )
         return list(found)
 
-    async def _publish(self, run: Run, event: str) -> None:
-        await self.bus.publish_json(
-            f"{EVENTS_SUBJECT}.{run.id}",
-            {
-                "event": event,
-                "run_id": run.id,
-                "status": run.status,
-                "stages": {s.name: s.status for s in run.stages},
-            },
-        )
+    def _announce(self, run: Run, event: str) -> None:
+        """Publish a change's event (on the bus's loop) without holding up the writer: the
+        record is what counts, and the next stage's start waits for no follower's event.
+        Events leave in the order of their writes; one that fails is logged."""
+        payload = {"event": event, "run_id": run.id, "status": run.status,
+                   "stages": {s.name: s.status for s in run.stages}}  # fmt: skip
+        task = asyncio.ensure_future(self.bus.publish_json(f"{EVENTS_SUBJECT}.{run.id}", payload))
+        self._announcing.add(task)
+        task.add_done_callback(self._announced)
+
+    def _announced(self, task: asyncio.Task) -> None:
+        self._announcing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("publishing a run event failed: %s", task.exception())

@@ -41,6 +41,27 @@ def test_concurrent_claims_of_one_attempt_have_one_winner(client_settings):
     assert len(stored.stage("lint").attempts) == 1 and stored.stage("lint").status == "running"
 
 
+def test_an_update_from_a_read_record_is_refused_once_another_wrote_first(client_settings):
+    """An update starting from a record `read` earlier (`seen`) changes it without reading
+    it again; once another write came in between, it is applied to the newest instead."""
+    store = services.run_store()
+    run = store.create(new_run())
+    seen = store.read(run.id)
+    updated, _ = store.update(run.id, lambda r: runs.claim(r, "lint", 1, "w1"), "stage.started",
+                              seen)  # fmt: skip
+    assert store.read(run.id)[1] > seen[1] and updated.stage("lint").status == "running"
+    stale = store.read(run.id)
+    beat = store.update(run.id, lambda r: runs.heartbeat(r, "lint", 1), None)[0]  # in between
+    beat_at = beat.stage("lint").attempts[0].heartbeat_at
+    assert beat_at != stale[0].stage("lint").attempts[0].heartbeat_at
+    with pytest.raises(Conflict):  # applied to the newest: the attempt is already claimed
+        store.update(run.id, lambda r: runs.claim(r, "lint", 1, "w2"), "stage.started", stale)
+    assert store.get(run.id).stage("lint").attempts[0].worker == "w1"
+    cancelled, _ = store.update(run.id, lambda r: runs.cancel(r), "run.cancelled", stale)
+    assert cancelled.status == "cancelled"
+    assert store.get(run.id).stage("lint").attempts[0].heartbeat_at == beat_at  # not lost
+
+
 def test_a_failed_change_leaves_the_record_untouched(client_settings):
     """An exception inside a change writes nothing."""
     store = services.run_store()
