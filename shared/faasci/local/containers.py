@@ -251,19 +251,17 @@ class ImageContainer(FunctionContainer):
             if stopped.is_set():
                 return
             container = self._run()
-        except requests.RequestException:  # a read timeout, mostly
-            log.error("function %s: its container did not start within %ds; starting it "
-                      "again", self.spec.name, START_S)  # fmt: skip
+        except (docker.errors.DockerException, requests.RequestException) as e:
+            # As ErrImagePull, a port still held, or no start within START_S (a read
+            # timeout): the provider starts it again, as Kubernetes restarts a pod.
+            # The engine's own errors first: its APIError is a requests HTTPError too.
+            why = str(e) if isinstance(e, docker.errors.DockerException) else f"within {START_S}s"
+            log.error("function %s: %s did not start: %s", self.spec.name, self.spec.image, why)
             with (self.cfg.logs / f"{self.spec.name}.log").open("a") as out:
-                out.write(f"faasci: {self.spec.image} did not start within {START_S}s\n")
-            self.remove()
-            proc.returncode = 125
-            return
-        except docker.errors.DockerException as e:  # as ErrImagePull, or a port still held
-            log.error("function %s: %s did not start: %s", self.spec.name, self.spec.image, e)
-            with (self.cfg.logs / f"{self.spec.name}.log").open("a") as out:
-                out.write(f"faasci: {self.spec.image} did not start: {e}\n")
-            proc.returncode = 125
+                out.write(f"faasci: {self.spec.image} did not start: {why}\n")
+            with contextlib.suppress(docker.errors.DockerException, requests.RequestException):
+                self.remove()  # one created but never started (an engine away leaves none)
+            proc.returncode = 125  # set whatever happened above: the provider restarts on it
             return
         proc.container, proc.pid = container, container.attrs["State"]["Pid"]
         if stopped.is_set():  # stopped while it was starting
