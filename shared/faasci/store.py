@@ -94,12 +94,12 @@ class RunStore:
         on a stage's start); when it is no longer the newest, the write is refused and the
         change is applied to the newest."""
 
+        unread = [seen] if seen else []  # used once: not again by a retry of the call
+
         async def _update():
             kv = await self._kv()
-            first = seen
             while True:
-                run, revision = first or await self._get(run_id)
-                first = None
+                run, revision = unread.pop() if unread else await self._get(run_id)
                 result = change(run)
                 try:
                     await kv.update(run_id, run.model_dump_json().encode(), last=revision)
