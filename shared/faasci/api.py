@@ -13,6 +13,7 @@ naming NATS_URL. The router carries `faasci.health.ready`, which the template se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -21,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import STAGES, auth, health
+from . import STAGES, auth, health, jsonlog
 from .bus import NatsUnreachable
 from .errors import NotFound, UserError
 
@@ -132,7 +133,7 @@ class Router:
             raise auth.Forbidden(f"{principal.actor} may not {event.method} {path} of "
                                  f"{self.name}: it needs role {route.role}",
                                  route.role)  # fmt: skip
-        with auth.acting(principal):
+        with auth.acting(principal), jsonlog.bind(run_id=_run_of(event, params)):
             return route.fn(event, principal, **params)
 
     def _scheduled(self, event):
@@ -152,6 +153,18 @@ class Router:
             return {"trigger": "cron", "skipped": ran}
         with auth.acting(principal):
             return self.on_schedule()
+
+
+def _run_of(event, params: dict) -> str | None:
+    """The run a request is about, for its log lines (faasci.jsonlog): the route's
+    <run_id>, else the JSON body's "run_id" (a hand-off, a notification); None unless it
+    has a run id's form. A body that does not parse is the route's to refuse."""
+    found = params.get("run_id")
+    if found is None and (event.body or b"").lstrip()[:1] == b"{":
+        with contextlib.suppress(ValueError, RecursionError):
+            body = json.loads(event.body)
+            found = body.get("run_id") if isinstance(body, dict) else None
+    return found if isinstance(found, str) and RUN_ID_RE.match(found) else None
 
 
 def is_cron(event) -> bool:

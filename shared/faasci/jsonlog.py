@@ -7,7 +7,8 @@ fields as labels:
 
 `function` is the function's name (FAASCI_FUNCTION); `service` (the pipeline's service),
 `run_id`, `stage` and `attempt` are those `bind` set in the current context (a stage
-attempt binds them: faasci.tracing.begin_attempt) and absent outside a run; `trace_id` and
+attempt binds them: faasci.tracing.begin_attempt; a request naming a run binds its run_id:
+faasci.api) and absent outside a run; `trace_id` and
 `span_id` are the current span's (faasci.tracing), absent when there is none. A line is
 bounded: the message, and an exception's traceback (`exc`), are each cut to MAX_CHARS
 with a marker saying how much went. Secrets are masked before formatting (faasci.masking's

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from oidc_issuer import Issuer, rsa_key
 from requests.structures import CaseInsensitiveDict
 
-from faasci import auth
+from faasci import auth, jsonlog
 from faasci.api import Route, Router
 from faasci.auth import OIDCConfig, Principal, Unauthorized
 
@@ -333,6 +333,26 @@ def test_roles_decide_and_the_principal_is_current_while_the_route_runs(router, 
     assert router(Event("POST", "/purge", headers=runner))["statusCode"] == 403
     none = bearer(oidc.token(roles=None))
     assert router(Event("GET", "/", headers=none))["statusCode"] == 403
+
+
+def test_a_request_about_a_run_logs_with_its_run_id(oidc, keys):
+    """The run a request names (a route's <run_id>, a body's "run_id") is bound to its log
+    lines while the route runs; anything not of a run id's form is not."""
+    run_id = "20261128-010203-abcdef"
+    seen = []
+    about = Router("things", [
+        Route("GET", "/<run_id>", "viewer", lambda e, p, run_id: seen.append(jsonlog.bound())),
+        Route("POST", "/", "runner", lambda e, p: seen.append(jsonlog.bound())),
+    ])  # fmt: skip
+    viewer = bearer(oidc.token(roles=["runner"]))
+    body = json.dumps({"run_id": run_id}).encode()
+    assert about(Event("GET", f"/{run_id}", headers=viewer))["statusCode"] == 200
+    signed_body = {auth.SIGNATURE_HEADER: auth.sign("POST", "/things", body, KEY, "unit")}
+    assert about(Event("POST", "/", body, headers=signed_body))["statusCode"] == 200
+    for other in (b'{"run_id": "../etc"}', b"[1]", b"{not json", b"[" * 5000 + b"]" * 5000):
+        assert about(Event("POST", "/", other, headers=viewer))["statusCode"] == 200
+    assert seen == [{"run_id": run_id}] * 2 + [{}] * 4
+    assert jsonlog.bound() == {}
 
 
 def test_internal_routes_take_only_a_signature(router, oidc, keys):
