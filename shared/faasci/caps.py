@@ -186,6 +186,14 @@ def scope() -> str:
     return value
 
 
+def check_settings() -> None:
+    """ValueError naming the first cap setting that does not read (FAASCI_CAP_SCOPE,
+    FAASCI_CONCURRENCY, FAASCI_BURST, ...): readiness says so (faasci.health), rather than
+    every stage failing on it."""
+    scope()
+    limits_store.defaults()
+
+
 def ledger_key(service: str) -> str:
     return "namespace" if scope() == "namespace" else f"service.{service}"
 

@@ -1,5 +1,5 @@
-"""Readiness: can this function do its work now? Its secrets are mounted, NATS is
-connected and S3 answers.
+"""Readiness: can this function do its work now? Its secrets are mounted, its cap settings
+read, NATS is connected and S3 answers.
 
 The template serves this on /_/ready (of-watchdog proxies it there through `ready_path`);
 /_/health never asks it: a failed liveness probe restarts the container, which brings no
@@ -15,7 +15,7 @@ import time
 
 import requests
 
-from . import services
+from . import caps, services
 from .bus import NatsUnreachable
 from .settings import settings
 
@@ -56,6 +56,10 @@ def _problem() -> tuple[str, str | None] | None:
     for name in REQUIRED_SECRETS:
         if not (s.secrets_dir / name).is_file():
             return f"secret {name} is not mounted (no file {s.secrets_dir / name})", name
+    try:
+        caps.check_settings()
+    except ValueError as e:  # "FAASCI_CAP_SCOPE='false' is not one of ...": names its setting
+        return str(e), str(e).partition("=")[0]
     bus = services.bus()
     if not bus.connected(wait=TIMEOUT_S):
         down = NatsUnreachable(bus.url)

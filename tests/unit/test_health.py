@@ -182,3 +182,18 @@ def test_ready_names_nats_url_when_nats_is_down(function_settings):
     assert time.monotonic() - began < 2.5
     assert (ok, body["status"], body["setting"]) == (False, "unavailable", "NATS_URL")
     assert url in body["error"]
+
+
+@pytest.mark.parametrize("setting, value", [("FAASCI_CAP_SCOPE", "false"),
+                                            ("FAASCI_CONCURRENCY", "ten"),
+                                            ("FAASCI_BURST", "0")])  # fmt: skip
+def test_ready_names_a_cap_setting_that_does_not_read(function_settings, monkeypatch, setting,
+                                                       value):  # fmt: skip
+    """A cap setting every stage would fail on makes the function unready, naming it, before
+    any service is asked (NATS on a closed port is never reached)."""
+    function_settings(f"nats://127.0.0.1:{free_port()}", "s3-access-key", "s3-secret-key")
+    monkeypatch.setenv(setting, value)
+    began = time.monotonic()
+    ok, body = health.ready()
+    assert time.monotonic() - began < 0.5
+    assert (ok, body["setting"]) == (False, setting) and repr(value) in body["error"]
