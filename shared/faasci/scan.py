@@ -41,6 +41,8 @@ from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import shell, usage
+
 log = logging.getLogger("faasci.scan")
 
 BLOCKED = "blocked"  # the attempt's failure reason for a blocked image: never retried
@@ -245,25 +247,21 @@ def _plain_http(reference: str) -> bool:
 def _trivy(args: list[str], deadline: float, cancel: threading.Event | None,
            doing: str) -> None:  # fmt: skip
     """Run Trivy until it ends, the deadline passes or `cancel` is set; ScanError unless
-    it exited 0 (its last lines of output are the message)."""
+    it exited 0 (its last lines of output are the message). What it used counts in the
+    stage attempt's usage (faasci.usage), as a command's does."""
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen([trivy_binary(), *args], stdin=subprocess.DEVNULL,
-                                stdout=errors, stderr=errors,
-                                env={**os.environ, "TRIVY_NO_PROGRESS": "true"})  # fmt: skip
+        running = shell.Process(subprocess.Popen(
+            [trivy_binary(), *args], stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
+            env={**os.environ, "TRIVY_NO_PROGRESS": "true"}, start_new_session=True))  # fmt: skip
         try:
-            while True:
-                try:
-                    code = proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    if cancel is not None and cancel.is_set():
-                        raise ScanError(f"cancelled while {doing}", "cancelled") from None
-                    if time.monotonic() > deadline:
-                        raise ScanError(f"timed out while {doing}", "timeout") from None
+            code = shell.wait(running, deadline, cancel or threading.Event())
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            running.kill()
+            usage.record(running.usage())
+        if code == "cancelled":
+            raise ScanError(f"cancelled while {doing}", "cancelled")
+        if code == "timeout":
+            raise ScanError(f"timed out while {doing}", "timeout")
         if code != 0:
             errors.seek(0)
             tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]

@@ -186,7 +186,7 @@ def run_commands(commands: list[str], launch: Launch, env: dict[str, str], timeo
             pgid_file.write_text(str(running.group))
         try:
             with tracing.command_span(command):  # a child of the attempt's span
-                code = _wait(running, deadline, cancel)
+                code = wait(running, deadline, cancel)
         finally:
             running.kill()
             record_usage(running.usage())  # counted on the attempt (faasci.usage.metered)
@@ -204,7 +204,7 @@ def run_commands(commands: list[str], launch: Launch, env: dict[str, str], timeo
     return Outcome(exit_code=0)
 
 
-def _wait(running: Running, deadline: float, cancel: threading.Event) -> int | str:
+def wait(running: Running, deadline: float, cancel: threading.Event) -> int | str:
     """The exit code, or "timeout"/"cancelled" after stopping the command."""
     while True:
         code = running.wait(timeout=max(min(POLL_S, deadline - time.monotonic()), 0))

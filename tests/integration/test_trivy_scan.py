@@ -13,7 +13,7 @@ from datetime import date
 import pytest
 from conftest import PORT_OFFSET, ROOT, registry_of_its_own
 
-from faasci import scan
+from faasci import scan, usage
 from faasci.local.engine import Engine
 from faasci.scan import ScanSpec
 
@@ -124,8 +124,13 @@ def test_trivy_finds_the_test_cve_in_the_real_zlib1g_from_the_made_database(
 
 
 def test_the_sbom_is_cyclonedx_listing_the_images_packages(base_pushed, test_db, tmp_path):
-    """The CycloneDX SBOM names the image by digest and lists its Debian packages."""
-    sbom = json.loads(scan.scan_image(base_pushed, tmp_path, cache=test_db).sbom.read_bytes())
+    """The CycloneDX SBOM names the image by digest and lists its Debian packages. Trivy's
+    runs (report and SBOM) count in the usage of the attempt that scans."""
+    with usage.metered() as used:
+        scanned = scan.scan_image(base_pushed, tmp_path, cache=test_db)
+    assert used.total.commands == 2 and used.total.cpu_s > 0
+    assert used.total.peak_rss_bytes > 20 * 2**20  # Trivy's own, not a shell's
+    sbom = json.loads(scanned.sbom.read_bytes())
     assert sbom["bomFormat"] == "CycloneDX"
     assert sbom["metadata"]["component"]["name"] == base_pushed
     names = {c["name"] for c in sbom["components"]}
