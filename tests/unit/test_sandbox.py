@@ -2,6 +2,7 @@
 starts outlives it."""
 
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -107,6 +108,35 @@ def test_a_cancel_ends_every_process_too(box):
     assert outcome.cancelled, log
     assert time.monotonic() - started < shell.KILL_GRACE_S + 3
     time.sleep(0.3)
+    assert sleepers() == []
+
+
+LAUNCHER = """
+import sys, time
+from pathlib import Path
+from faasci.sandbox import Sandbox
+from faasci.settings import Settings, configure
+configure(Settings(workdir=Path(sys.argv[1]) / "work", workspace=Path(sys.argv[1]) / "ws"))
+box = Sandbox(Path(sys.argv[1]) / "work" / "run-unit-1")
+box.src.mkdir(parents=True)
+box.prepare()
+box.launch(sys.argv[2], {"PATH": "/usr/bin:/bin"}, sys.stdout.buffer)
+time.sleep(60)
+"""
+
+
+def test_the_commands_end_when_their_function_process_is_killed(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path),
+                                 f"(setsid sh -c '{HOSTILE}' &); {HOSTILE}.75"])  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len([p for p in sleepers() if p.name() == "sleep"]) < 2:
+        assert time.monotonic() < deadline, "the commands did not start"
+        time.sleep(0.05)
+    launcher.kill()  # SIGKILL: no handler of the function's runs
+    launcher.wait()
+    deadline = time.monotonic() + 5
+    while sleepers() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sleepers() == []
 
 
