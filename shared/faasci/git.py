@@ -392,9 +392,10 @@ def _describe(
 
 
 def checkout(source: str, commit: str, dest: Path) -> None:
-    """A fresh work tree of `commit` at `dest` (a local source is cloned with hard links)."""
+    """A fresh work tree of `commit` at `dest` (a local source is cloned with hard links;
+    no template: git's sample hooks are files every attempt would write and remove)."""
     try:
-        git("clone", "--quiet", "--no-checkout", "--", source, str(dest))
+        git("clone", "--quiet", "--template=", "--no-checkout", "--", source, str(dest))
         git("checkout", "--quiet", "--detach", commit, cwd=dest)
     except GitError as e:
         raise GitError(f"checkout of {commit[:12]} from {source}: {e}") from None

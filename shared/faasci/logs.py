@@ -84,7 +84,7 @@ class LiveLog:
 
     with live: ...the commands run...   (a thread uploads every FLUSH_S)
     final = live.finish()                (a local file: the capped, masked log to store)
-    ...put `final` at `key` with live.metadata()...; discard_parts(key)
+    ...put `final` at `key` with live.metadata()...; discard_parts(key) if live.sent_parts
 
     Uploading parts is best effort: while S3 refuses, parts wait on the local disk (the
     tail's are bounded by the cap), and the attempt goes on."""
@@ -110,6 +110,7 @@ class LiveLog:
         self._lock = threading.Lock()
         self._warned = False
         self._meta: dict[str, str] = {}
+        self.sent_parts = False  # an upload of a part was tried: there may be parts to discard
 
     @property
     def store(self):
@@ -206,6 +207,7 @@ class LiveLog:
     def _upload(self) -> None:
         try:
             for offset in sorted(set(self.parts) - self.uploaded):
+                self.sent_parts = True
                 self.store.put_file(part_key(self.key, offset), self.parts_dir / f"{offset:015d}")
                 self.uploaded.add(offset)
             while self.to_delete:

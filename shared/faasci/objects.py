@@ -19,6 +19,9 @@ from botocore.exceptions import ClientError
 from .errors import NotFound
 from .settings import Settings
 
+# Below this a file goes up in one PutObject (boto3's own multipart threshold).
+SINGLE_PUT_MAX = 8 * 2**20
+
 _session: boto3.session.Session | None = None
 _session_lock = threading.Lock()
 
@@ -71,7 +74,11 @@ class ObjectStore:
         visible only once complete, so readers never see a partial upload."""
         self.ensure_bucket()
         extra = {"ContentType": content_type, "Metadata": metadata or {}}
-        self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
+        if path.stat().st_size < SINGLE_PUT_MAX:  # one request: no transfer manager's threads
+            with path.open("rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
+        else:
+            self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
 
     def download(self, key: str, path: Path, chunk: int = 1 << 20) -> tuple[dict, str]:
         """Stream an object to a file; its metadata and the sha256 of what arrived."""

@@ -120,7 +120,7 @@ def execute(run_id: str, stage: str, attempt: int | None = None,
             "cancelled": outcome.cancelled, "reason": reason, "error": error,
             "cache": cache_report, "delivered": delivered,
             "usage": costs.usage_record(run, used.total),
-            "log_metadata": live.metadata()})  # fmt: skip
+            "log_metadata": live.metadata(), "log_parts": live.sent_parts})  # fmt: skip
         remove_tree(workdir)
         run, following, reason, error, link = store_result(kept)
         hand_on(run_id, following)  # first: the next stage waits on nothing else here
@@ -463,7 +463,7 @@ def store_result(kept: spool.Kept) -> tuple[Run, Next, str | None, str | None, s
         full = " (the local spool is full)" if kept.over_bound else ""
         reason, error = "infra", f"storing the log failed{full}: {e.__cause__}"
         key = link = None
-    if key:
+    if key and done.get("log_parts", True):  # (an entry spooled before the field: look)
         discard_parts(key)
     status = "cancelled" if done["cancelled"] else ("passed" if reason is None else "failed")
     run, following = _record_end(
