@@ -154,9 +154,11 @@ class Sandbox:
             ("/proc/self/fd/3", ws / "src", "none", "rbind,X-mount.mkdir"),
             ("/proc/self/fd/4", ws / "home", "none", "rbind,X-mount.mkdir"),
         ]
-        # Under /tmp nothing is to hide: the attempt's own /tmp covers it.
-        table += [("faasci-hidden", path, "tmpfs", "mode=0,size=4k") for path in self.hidden()
-                  if path.is_dir() and not path.is_relative_to("/tmp")]  # fmt: skip
+        covered = [Path("/tmp")]  # the attempt's own /tmp covers what is under it
+        for path in self.hidden():  # outermost first: what is inside one is hidden with it
+            if path.is_dir() and not any(path.is_relative_to(c) for c in covered):
+                table.append(("faasci-hidden", path, "tmpfs", "mode=0,size=4k"))
+                covered.append(path)
         return table
 
     def fstab(self) -> str:

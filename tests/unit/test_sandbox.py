@@ -80,6 +80,17 @@ def test_the_platform_secrets_and_faasci_are_out_of_reach(box, secrets_dir):
     assert sys.prefix not in log.split("$ python3 -c 'import sys")[1]
 
 
+def test_a_hidden_folder_inside_another_hidden_one_is_hidden_with_it(box, secrets_dir):
+    """As on a stack, whose per-function secrets folder is inside the platform's."""
+    inner = secrets_dir / "lint"
+    inner.mkdir()
+    (inner / "token").write_text("do-not-leak")
+    configure(Settings(secrets_dir=secrets_dir, sandbox_hide=[inner], workdir=box.attempt.parent,
+                       workspace=box.workspace))  # fmt: skip
+    outcome, log = run(box, f'test -z "$(ls -A {secrets_dir})"', f"! cat {inner}/token")
+    assert outcome.passed, log
+
+
 def test_it_sees_only_its_own_processes(box):
     outcome, log = run(box, "ls /proc | grep -c '^[0-9]'")
     assert outcome.passed, log
