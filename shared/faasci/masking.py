@@ -19,6 +19,7 @@ import base64
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote, quote_plus
@@ -87,14 +88,24 @@ class Masker:
         return cls(values.values())
 
     def add(self, values: Iterable[str]) -> Masker:
+        known = len(self.values)
         for value in values:
             if value and value not in self.values:
                 self.values.append(value)
                 self._forms |= forms(value)
+        if len(self.values) == known and self._re is not None:
+            return self  # nothing new: the pattern stands
         ordered = sorted(self._forms, key=len, reverse=True)  # the longest form wins
         self._re = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None
         self.longest = len(ordered[0]) if ordered else 0
         return self
+
+    def copy(self) -> Masker:
+        """The same masker, without making its forms and pattern again."""
+        other = Masker()
+        other.values, other._forms = list(self.values), set(self._forms)
+        other._re, other.longest = self._re, self.longest
+        return other
 
     def __bool__(self) -> bool:
         return self._re is not None
@@ -164,13 +175,23 @@ def unregister(handle: int) -> None:
         _active.pop(handle, None)
 
 
-def process_masker() -> Masker:
-    """The platform's secrets this process holds (files and Vault values it has read) and
-    the secrets of stages running now."""
+_platform: tuple[float, tuple[str, ...], Masker] | None = None  # (made, values, masker)
+PLATFORM_REFRESH_S = 5.0  # a secret file rotated in place is masked within this
+
+
+def _platform_masker() -> Masker:
+    """The platform's secrets this process holds: Vault values it has read and the secret
+    files (re-read every PLATFORM_REFRESH_S). Remade only when they change: a masker's
+    forms and pattern cost more than most stages' own work."""
+    global _platform
     from . import vault
     from .settings import settings
 
-    values: list[str] = list(vault.known_platform_values())
+    known = vault.known_platform_values()
+    if (_platform and time.monotonic() - _platform[0] < PLATFORM_REFRESH_S
+            and set(known) <= set(_platform[1])):  # fmt: skip
+        return _platform[2]
+    values = list(known)
     folder = settings().secrets_dir
     try:
         for path in folder.iterdir() if folder.is_dir() else ():
@@ -180,10 +201,19 @@ def process_masker() -> Masker:
                     values.append(value)
     except OSError:
         pass
+    same = _platform and set(values) == set(_platform[1])
+    masker = _platform[2] if same else Masker(values)
+    _platform = (time.monotonic(), tuple(values), masker)
+    return masker
+
+
+def process_masker() -> Masker:
+    """The platform's secrets this process holds and the secrets of stages running now:
+    a masker of its own (the caller may add to it)."""
+    platform = _platform_masker()
     with _active_lock:
-        for masker in _active.values():
-            values += masker.values
-    return Masker(values)
+        running = [v for masker in _active.values() for v in masker.values]
+    return platform.copy().add(running)
 
 
 class SecretsFilter(logging.Filter):
@@ -199,8 +229,6 @@ class SecretsFilter(logging.Filter):
         self._key: tuple = ()
 
     def _current(self) -> Masker:
-        import time
-
         from . import vault
 
         with _active_lock:
