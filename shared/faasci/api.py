@@ -222,6 +222,26 @@ def run_id_field(value) -> str:
     return value
 
 
+def _handed_record(body: dict, run_id: str, principal) -> tuple | None:
+    """The run record a hand-off carries ({"seen": {"revision", "record"}}: faasci.stage.
+    dispatch), as RunStore.update's `seen`. Only from a function, whose signature covers
+    the body: anyone else's record is not read, and its claim reads the store."""
+    seen = body.get("seen")
+    if principal is None or principal.kind != "function" or not isinstance(seen, dict):
+        return None
+    from .runs import Run
+
+    try:
+        run = Run.model_validate_json(seen["record"])
+    except (KeyError, TypeError, ValueError):
+        log.warning("run %s: the record handed on does not read; reading the store", run_id)
+        return None
+    revision = seen.get("revision")
+    if run.id != run_id or not isinstance(revision, int):
+        return None
+    return run, revision
+
+
 def stage_router(stage: str) -> Router:
     """The whole handle of a stage function: POST / with an async hand-off ({"run_id",
     "attempt"}, signed by the function before) or a direct invocation ({"repo", "ref"} or
@@ -244,7 +264,8 @@ def stage_router(stage: str) -> Router:
 
                 audit.record("stage.continue", run=run_id_field(body["run_id"]),
                              detail={"stage": stage, "attempt": attempt})  # fmt: skip
-            return execute(run_id_field(body["run_id"]), stage, attempt)
+            run_id = run_id_field(body["run_id"])
+            return execute(run_id, stage, attempt, seen=_handed_record(body, run_id, principal))
         if "repo" not in body:
             raise UserError('body needs "repo" (with an optional "ref") or "run_id"', field="repo")
         run = trigger.start_run(

@@ -436,18 +436,18 @@ def _give_back(scope_key: str, key: str, worker: str) -> None:
 
 
 @contextlib.contextmanager
-def slot(run_id: str, stage: str, attempt: int | None = None
-         ) -> Iterator[tuple[Run, int] | None]:  # fmt: skip
+def slot(run_id: str, stage: str, attempt: int | None = None,
+         seen: tuple[Run, int] | None = None) -> Iterator[tuple[Run, int] | None]:  # fmt: skip
     """Run the block holding a slot of the run's service (waiting for one, in order), given
     back on every way out. An invocation its claim will refuse anyway (a duplicate, a run
     that ended) takes none; a duplicate of one already waiting or running raises Taken.
-    The block gets the record as read here, with its revision (RunStore.update's `seen`),
-    or None."""
+    The block gets the record as read here (or as `seen`, handed on with the invocation),
+    with its revision (RunStore.update's `seen`), or None."""
     if scope() == "off":
-        yield None
+        yield seen
         return
     try:
-        seen = services.run_store().read(run_id)
+        seen = seen or services.run_store().read(run_id)
     except NotFound:
         yield None  # claim answers it
         return
@@ -476,8 +476,9 @@ def capped(execute: Callable[..., T]) -> Callable[..., T]:
     """faasci.stage.execute, run holding a slot (`slot`)."""
 
     @functools.wraps(execute)
-    def run_capped(run_id: str, stage: str, attempt: int | None = None) -> T:
-        with slot(run_id, stage, attempt) as seen:
+    def run_capped(run_id: str, stage: str, attempt: int | None = None,
+                   seen: tuple[Run, int] | None = None) -> T:  # fmt: skip
+        with slot(run_id, stage, attempt, seen) as seen:
             return execute(run_id, stage, attempt, seen=seen)
 
     return run_capped

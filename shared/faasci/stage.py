@@ -528,6 +528,7 @@ def sweep_workdirs() -> None:
 # Handing on: every path out of an attempt goes through here.
 
 HANDOFF_GRACE_S = 60  # a hand-off the gateway accepted is claimed well within this
+SEEN_MAX_BYTES = 64 * 1024  # a larger record is not sent along: the stage reads it
 HANDOFF_BACKOFF_MAX_S = 30  # while the gateway refuses: how often the guard tries again
 
 
@@ -601,7 +602,19 @@ def dispatch(run_id: str, stage: str, attempt: int, patient: bool = True) -> Non
     """Invoke a stage asynchronously. The call id is derived from the attempt, so the
     gateway's queue drops a repeated dispatch of the same attempt; one that gets through
     anyway finds its attempt claimed and does nothing."""
-    _invoke(stage, {"run_id": run_id, "attempt": attempt}, f"{run_id}.{stage}.{attempt}", patient)
+    _invoke(stage, handoff_body(run_id, attempt), f"{run_id}.{stage}.{attempt}", patient)
+
+
+def handoff_body(run_id: str, attempt: int) -> dict:
+    """A stage's invocation, with the run's record as this process last wrote or read it
+    (its revision beside it), so the stage claims its attempt without reading it first
+    (faasci.api._handed_record): the claim's compare-and-set on that revision holds only
+    while it is the newest, and reads the record anew otherwise."""
+    body: dict = {"run_id": run_id, "attempt": attempt}
+    known = services.run_store().known(run_id)
+    if known and len(known[0]) <= SEEN_MAX_BYTES:
+        body["seen"] = {"revision": known[1], "record": known[0].decode()}
+    return body
 
 
 def _invoke(function: str, body: dict, call_id: str, patient: bool) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,6 +28,7 @@ from .runs import Run
 
 T = TypeVar("T")
 PATIENCE_S = 120
+KNOWN_RUNS = 256
 log = logging.getLogger("faasci.store")
 
 BUCKET = "faasci-runs"
@@ -51,6 +54,24 @@ class RunStore:
     def __init__(self, bus: Bus):
         self.bus = bus
         self._announcing: set[asyncio.Task] = set()  # events on their way (kept referenced)
+        # run id -> (record, revision) as this process last read or wrote it, the newest
+        # KNOWN_RUNS: a stage hands its run's on to the next one (faasci.stage.handoff_body).
+        self._known: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._known_lock = threading.Lock()
+
+    def known(self, run_id: str) -> tuple[bytes, int] | None:
+        """The record of `run_id` as this process last read or wrote it, and its revision
+        (the two always belong together), or None."""
+        with self._known_lock:
+            return self._known.get(run_id)
+
+    def _remember(self, run_id: str, record: bytes, revision: int) -> None:
+        with self._known_lock:
+            if revision >= self._known.get(run_id, (b"", 0))[1]:  # a slower read of an older one
+                self._known[run_id] = (record, revision)
+                self._known.move_to_end(run_id)
+            while len(self._known) > KNOWN_RUNS:
+                self._known.popitem(last=False)
 
     async def _kv(self):
         await self.bus.ensure_stream(EVENTS_STREAM, [f"{EVENTS_SUBJECT}.>"], max_age=7 * 24 * 3600)
@@ -83,6 +104,7 @@ class RunStore:
             entry = await kv.get(run_id)
         except (KeyNotFoundError, InvalidKeyError):
             raise NotFound(f"no run {run_id!r}", field="run_id") from None
+        self._remember(run_id, entry.value, entry.revision)
         return Run.model_validate_json(entry.value), entry.revision
 
     def update(self, run_id: str, change: Callable[[Run], T], event: str | None,
@@ -101,8 +123,9 @@ class RunStore:
             while True:
                 run, revision = unread.pop() if unread else await self._get(run_id)
                 result = change(run)
+                record = run.model_dump_json().encode()
                 try:
-                    await kv.update(run_id, run.model_dump_json().encode(), last=revision)
+                    self._remember(run_id, record, await kv.update(run_id, record, last=revision))
                 except KeyWrongLastSequenceError:
                     continue
                 if event:

@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from faasci import pipeline, runs, services
+from faasci import api, pipeline, runs, services, stage
+from faasci.auth import Principal
 from faasci.errors import Conflict, NotFound
 from faasci.store import EVENTS_STREAM, EVENTS_SUBJECT
 
@@ -60,6 +61,34 @@ def test_an_update_from_a_read_record_is_refused_once_another_wrote_first(client
     cancelled, _ = store.update(run.id, lambda r: runs.cancel(r), "run.cancelled", stale)
     assert cancelled.status == "cancelled"
     assert store.get(run.id).stage("lint").attempts[0].heartbeat_at == beat_at  # not lost
+
+
+def test_a_hand_off_carries_the_record_so_the_next_claim_reads_nothing(client_settings,
+                                                                       monkeypatch):  # fmt: skip
+    """The hand-off's body holds the record as lint's end wrote it, with its revision; the
+    stage router takes it from a function only, and unit's claim then writes without a read."""
+    store = services.run_store()
+    run = store.create(new_run())
+    store.update(run.id, lambda r: runs.claim(r, "lint", 1, "w1"), "stage.started")
+    passed = lambda r: runs.finish(r, "lint", 1, status="passed", exit_code=0)  # noqa: E731
+    store.update(run.id, passed, "stage.finished")
+    body = json.loads(json.dumps(stage.handoff_body(run.id, 1)))  # as the queue has it
+    user = Principal("alice", "user", frozenset({"runner"}))
+    assert api._handed_record(body, run.id, user) is None
+    assert api._handed_record(body, "20260101-000000-other", Principal("lint", "function")) is None
+    seen = api._handed_record(body, run.id, Principal("lint", "function"))
+    assert seen[1] == store.read(run.id)[1] and seen[0] == store.get(run.id)
+    reads, read = [], store._get
+
+    async def counted(run_id):
+        reads.append(run_id)
+        return await read(run_id)
+
+    monkeypatch.setattr(store, "_get", counted)
+    claimed, _ = store.update(run.id, lambda r: runs.claim(r, "unit", 1, "w2"), "stage.started",
+                              seen)  # fmt: skip
+    assert reads == [] and claimed.stage("unit").attempts[0].worker == "w2"
+    assert store.read(run.id)[1] == seen[1] + 1
 
 
 def test_a_failed_change_leaves_the_record_untouched(client_settings):
