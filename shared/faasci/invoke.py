@@ -59,10 +59,14 @@ class Gateway:
         timeout: float = 30,
         token: str | Callable[[], str] | None = None,
         system_auth: tuple[str, str] | None = None,
+        trust_env: bool = True,
     ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        # A function's gateway is its cluster's own: no proxy from the environment, and no
+        # ~/.netrc, read on every request otherwise. A person's may be behind a proxy.
+        self.session.trust_env = trust_env
         self.session.auth = Credentials(token, system_auth)
 
     def call(

@@ -60,7 +60,7 @@ def node_cache() -> NodeCache:
 def gateway() -> Gateway:
     from .invoke import Gateway
 
-    return Gateway(settings().gateway_url)
+    return Gateway(settings().gateway_url, trust_env=False)
 
 
 def reset() -> None:

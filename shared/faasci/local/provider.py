@@ -276,6 +276,7 @@ class Provider:
         self._lock = threading.RLock()  # deployments change under it; the supervisor too
         self._stopping = threading.Event()
         self.http = requests.Session()
+        self.http.trust_env = False  # to this machine's own ports: no proxy nor .netrc to look up
         self.http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=64))
 
     @property
