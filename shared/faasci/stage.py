@@ -564,7 +564,8 @@ def hand_to_first(run_id: str, first_stage: str) -> None:
 
 def guard_handoff(run_id: str, stage: str | None, number: int) -> None:
     """Arm the durable timer that makes sure what follows attempt `number` of `stage` (None:
-    the run's start) happens. Armed before the attempt's end is recorded, so no crash or
+    the run's start) happens, where no lease timer does: at a run's start, and for an
+    attempt its lease declared lost. Armed before the change is recorded, so no crash or
     outage between recording and invoking can lose the successor; when it fires it acts on
     the record alone (on_handoff_timer). Best effort: a failure to arm it is logged, and
     the immediate invocation still goes on."""
@@ -582,16 +583,15 @@ def _arm_handoff(run_id: str, stage: str | None, number: int) -> None:
 
 
 def _record_end(run_id: str, stage: str, number: int, until: float, change) -> tuple[Run, Next]:
-    """Arm the attempt's hand-off guard, then record its end (`change`), as one step tried
-    again with back-off until NATS takes both, for as long as an outage lasts up to `until`
-    (monotonic). Both are safe to repeat: the guard's timer id de-duplicates, `finish`
-    applied twice does nothing more. Meanwhile the worker's watcher keeps the attempt's
-    heartbeat, so its lease holds (see on_lease_timer for an outage both sides see).
-    Past `until` this raises spool.GaveUp: the worker stops its heartbeat and the lease
-    timer records the attempt lost once NATS is back, as for a worker that died."""
+    """Record the attempt's end (`change`), tried again with back-off until NATS takes it,
+    for as long as an outage lasts up to `until` (monotonic); `finish` applied twice does
+    nothing more. Its hand-off is guarded by the attempt's lease timer, armed at its start
+    (on_lease_timer). Meanwhile the worker's watcher keeps the attempt's heartbeat, so its
+    lease holds (see on_lease_timer for an outage both sides see). Past `until` this raises
+    spool.GaveUp: the worker stops its heartbeat and the lease timer records the attempt
+    lost once NATS is back, as for a worker that died."""
 
     def once() -> tuple[Run, Next]:
-        _arm_handoff(run_id, stage, number)
         return services.run_store().update(run_id, change, "stage.finished")
 
     return spool.persist(f"run {run_id}: recording the end of {stage} attempt {number}",
@@ -649,16 +649,18 @@ def on_dispatch_timer(timer: dict) -> float | None:
     return _invoke_owed(timer["run_id"], timer["stage"], timer["attempt"] - 1, grace_s=0)
 
 
-def on_handoff_timer(timer: dict) -> float | None:
-    """A hand-off's guard: while the record says its successor is owed and nobody claimed
-    it HANDOFF_GRACE_S after it was due, invoke it again, backing off while the gateway
-    refuses. Done once it is claimed (a duplicate finds its attempt taken) or not owed."""
-    return _invoke_owed(timer["run_id"], timer["stage"], timer["attempt"], HANDOFF_GRACE_S)
+def on_handoff_timer(timer: dict, run: Run | None = None) -> float | None:
+    """A hand-off's guard: while the record (`run`, or read) says its successor is owed and
+    nobody claimed it HANDOFF_GRACE_S after it was due, invoke it again, backing off while
+    the gateway refuses. Done once it is claimed (a duplicate finds its attempt taken) or
+    not owed. An attempt's lease timer goes on as its guard; a run's start has its own."""
+    return _invoke_owed(timer["run_id"], timer["stage"], timer["attempt"], HANDOFF_GRACE_S, run)
 
 
-def _invoke_owed(run_id: str, stage: str | None, number: int, grace_s: float) -> float | None:
+def _invoke_owed(run_id: str, stage: str | None, number: int, grace_s: float,
+                 run: Run | None = None) -> float | None:  # fmt: skip
     try:
-        run = services.run_store().get(run_id)
+        run = run or services.run_store().get(run_id)
     except NotFound:
         return None
     owed = runs.owed_after(run, stage, number)
@@ -692,12 +694,15 @@ def _invoke_owed(run_id: str, stage: str | None, number: int, grace_s: float) ->
 
 def on_lease_timer(timer: dict) -> float | None:
     """Is the attempt's worker alive? Look again later while it is; record it lost when its
-    heartbeat has been silent for LEASE_S, and hand the run on."""
+    heartbeat has been silent for LEASE_S, and hand the run on. Once the attempt has ended
+    the timer is its hand-off's guard (on_handoff_timer): armed at the attempt's start, it
+    was in place before the end was recorded, so no crash or outage between recording and
+    invoking loses the successor, and one timer per attempt does both."""
     run_id, stage, number = timer["run_id"], timer["stage"], timer["attempt"]
     run = services.run_store().get(run_id)
     attempt = run.stage(stage).attempts[number - 1]
     if attempt.status != "running":
-        return None
+        return on_handoff_timer(timer, run)
     silent = runs.now() - (attempt.heartbeat_at or attempt.started_at)
     # While NATS is away no worker can write a heartbeat (nor this timer run), so silence
     # then says nothing about the worker: it counts only from when NATS was last reachable

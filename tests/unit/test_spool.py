@@ -166,6 +166,33 @@ def test_the_workers_record_landing_first_wins_over_the_lease(leased):
     assert store.run.status == "passed"
 
 
+@pytest.mark.parametrize(("ended_s_ago", "unit_claimed", "invoked", "again"), [
+    (stage.HANDOFF_GRACE_S + 10, False, True, stage.HANDOFF_GRACE_S),  # lost: invoked again
+    (10, False, False, stage.HANDOFF_GRACE_S - 10 + 1),  # not overdue yet: look then
+    (stage.HANDOFF_GRACE_S + 10, True, False, None),  # claimed: the guard is done
+])  # fmt: skip
+def test_an_ended_attempts_lease_timer_guards_its_hand_off(
+    monkeypatch, ended_s_ago, unit_claimed, invoked, again
+):
+    """One timer per attempt: once lint has ended, its lease timer invokes unit while it is
+    owed and unclaimed HANDOFF_GRACE_S after lint's end."""
+    two = PIPELINE + "  unit: {run: [pytest]}\n"
+    run = runs.new_run(pipeline.parse(two, "svc"), repo="/r", ref="main", commit="a" * 40,
+                       source="/r")  # fmt: skip
+    runs.claim(run, "lint", 1, "w")
+    runs.finish(run, "lint", 1, status="passed", exit_code=0)
+    run.stage("lint").attempts[0].finished_at = runs.now() - timedelta(seconds=ended_s_ago)
+    if unit_claimed:
+        runs.claim(run, "unit", 1, "w2")
+    monkeypatch.setattr(stage.services, "run_store", lambda: FakeStore(run))
+    monkeypatch.setattr(stage.caps, "waiting", lambda *a: False)
+    dispatched = []
+    monkeypatch.setattr(stage, "dispatch", lambda *a, **k: dispatched.append(a[:3]))
+    after = stage.on_lease_timer({"run_id": run.id, "stage": "lint", "attempt": 1})
+    assert (after is None) if again is None else after == pytest.approx(again, abs=1)
+    assert dispatched == ([(run.id, "unit", 1)] if invoked else [])
+
+
 def test_a_starting_function_removes_attempt_folders_a_dead_process_left(tmp_path):
     """Attempt folders (overlay work folders of mode 0 among them) go; the spool and
     anything else stay."""
