@@ -80,8 +80,9 @@ class RunStore:
     def create(self, run: Run) -> Run:
         async def _create():
             kv = await self._kv()
+            record = run.model_dump_json().encode()
             try:
-                await kv.create(run.id, run.model_dump_json().encode())
+                self._remember(run.id, record, await kv.create(run.id, record))
             except KeyWrongLastSequenceError:  # a repeat of a create that went through
                 if (await self._get(run.id))[0] != run:
                     raise
@@ -112,17 +113,25 @@ class RunStore:
         """Apply `change` to the run atomically; retried on a concurrent write. An exception
         from `change` leaves the record untouched. `event` names the change on NATS (None:
         not worth an event, such as a heartbeat). `seen`: the record as just `read` (its
-        own, not to be used again), changed without reading it again (one round trip less
-        on a stage's start); when it is no longer the newest, the write is refused and the
-        change is applied to the newest."""
-
+        own, not to be used again), changed without reading it again (one round trip less);
+        without it, the record as this process last read or wrote it (`known`). When that
+        is no longer the newest, the write is refused and the change is applied to the
+        newest; an exception `change` raises on it is raised only from the newest."""
+        if seen is None and (known := self.known(run_id)):
+            seen = Run.model_validate_json(known[0]), known[1]
         unread = [seen] if seen else []  # used once: not again by a retry of the call
 
         async def _update():
             kv = await self._kv()
             while True:
+                fresh = not unread
                 run, revision = unread.pop() if unread else await self._get(run_id)
-                result = change(run)
+                try:
+                    result = change(run)
+                except Exception:
+                    if fresh:
+                        raise
+                    continue  # decided on a record that may be old: decide on the newest
                 record = run.model_dump_json().encode()
                 try:
                     self._remember(run_id, record, await kv.update(run_id, record, last=revision))

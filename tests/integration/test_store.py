@@ -8,7 +8,7 @@ import pytest
 from faasci import api, pipeline, runs, services, stage
 from faasci.auth import Principal
 from faasci.errors import Conflict, NotFound
-from faasci.store import EVENTS_STREAM, EVENTS_SUBJECT
+from faasci.store import EVENTS_STREAM, EVENTS_SUBJECT, RunStore
 
 
 def new_run() -> runs.Run:
@@ -89,6 +89,36 @@ def test_a_hand_off_carries_the_record_so_the_next_claim_reads_nothing(client_se
                               seen)  # fmt: skip
     assert reads == [] and claimed.stage("unit").attempts[0].worker == "w2"
     assert store.read(run.id)[1] == seen[1] + 1
+
+
+def test_an_update_starts_from_what_this_process_last_wrote(client_settings, monkeypatch):
+    """No read before a write while this process wrote last; after another process wrote,
+    the write is refused and redone on the newest, and what `change` raises on a record
+    that may be old is not believed until the newest says so too."""
+    store, elsewhere = services.run_store(), RunStore(services.bus())  # another process's
+    run = store.create(new_run())
+    store.update(run.id, lambda r: runs.claim(r, "lint", 1, "w1"), "stage.started")
+    reads, read = [], store._get
+
+    async def counted(run_id):
+        reads.append(run_id)
+        return await read(run_id)
+
+    monkeypatch.setattr(store, "_get", counted)
+    store.update(run.id, lambda r: runs.heartbeat(r, "lint", 1), None)
+    assert reads == []
+    elsewhere.update(run.id, lambda r: runs.finish(r, "lint", 1, status="passed", exit_code=0),
+                     "stage.finished")  # fmt: skip
+
+    def only_after_lint(r):  # raises on the record this process knows (lint running)
+        if r.stage("lint").status != "passed":
+            raise Conflict("lint has not passed")
+        return runs.claim(r, "unit", 1, "w2")
+
+    claimed, _ = store.update(run.id, only_after_lint, "stage.started")
+    assert reads == [run.id]
+    assert claimed.stage("unit").attempts[0].worker == "w2"
+    assert claimed.stage("lint").attempts[0].heartbeat_at is not None  # nothing lost
 
 
 def test_a_failed_change_leaves_the_record_untouched(client_settings):
