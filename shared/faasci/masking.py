@@ -175,24 +175,31 @@ def unregister(handle: int) -> None:
         _active.pop(handle, None)
 
 
-_platform: tuple[float, tuple[str, ...], Masker] | None = None  # (made, values, masker)
-PLATFORM_REFRESH_S = 5.0  # a secret file rotated in place is masked within this
+_platform: tuple[float, tuple, tuple[str, ...], Masker] | None = None
+PLATFORM_REFRESH_S = 5.0  # a secret file rewritten in place is masked within this
 
 
 def _platform_masker() -> Masker:
     """The platform's secrets this process holds: Vault values it has read and the secret
-    files (re-read every PLATFORM_REFRESH_S). Remade only when they change: a masker's
-    forms and pattern cost more than most stages' own work."""
+    files. Remade only when they may have changed (Vault gave a new value, the folder or
+    its listing changed, PLATFORM_REFRESH_S passed): a masker's forms and pattern cost
+    more than most stages' own work."""
     global _platform
     from . import vault
     from .settings import settings
 
     known = vault.known_platform_values()
-    if (_platform and time.monotonic() - _platform[0] < PLATFORM_REFRESH_S
-            and set(known) <= set(_platform[1])):  # fmt: skip
-        return _platform[2]
-    values = list(known)
     folder = settings().secrets_dir
+    try:
+        stamp = (folder, folder.stat().st_mtime_ns)  # a file added, removed or renamed in
+    except OSError:
+        stamp = (folder, None)
+    if _platform:
+        made, was, values, masker = _platform
+        if (was == stamp and time.monotonic() - made < PLATFORM_REFRESH_S
+                and set(known) <= set(values)):  # fmt: skip
+            return masker
+    values = list(known)
     try:
         for path in folder.iterdir() if folder.is_dir() else ():
             if path.is_file() and path.stat().st_size < 65536:
@@ -201,9 +208,9 @@ def _platform_masker() -> Masker:
                     values.append(value)
     except OSError:
         pass
-    same = _platform and set(values) == set(_platform[1])
-    masker = _platform[2] if same else Masker(values)
-    _platform = (time.monotonic(), tuple(values), masker)
+    same = _platform and set(values) == set(_platform[2])
+    masker = _platform[3] if same else Masker(values)
+    _platform = (time.monotonic(), stamp, tuple(values), masker)
     return masker
 
 
