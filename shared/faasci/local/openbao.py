@@ -34,6 +34,8 @@ from . import processes
 from .config import LocalConfig, tool
 
 NAME = "vault"  # its pid file and log
+# Its init's answer holds the only copy of the unseal key: wait for it rather than give up.
+INIT_TIMEOUT_S = 120
 # AppRole name -> (policy, the secrets-folder prefix of its role and secret ids)
 ROLES = {"faasci-functions": "vault", "faasci-secrets": "vault-admin"}
 
@@ -122,8 +124,8 @@ class OpenBao:
             raise SystemExit(f"OpenBao did not start; see {logs / 'vault.log'}") from None
         return True
 
-    def client(self, token: str | None = None) -> hvac.Client:
-        return hvac.Client(url=self.url, token=token, timeout=10)
+    def client(self, token: str | None = None, timeout: float = 10) -> hvac.Client:
+        return hvac.Client(url=self.url, token=token, timeout=timeout)
 
     def root(self) -> hvac.Client:
         """A client with the root token (the local stack's administration only)."""
@@ -154,7 +156,9 @@ class OpenBao:
         return root
 
     def unseal(self) -> None:
-        client = self.client()
+        # Initialising writes the barrier's keys through raft: on a busy machine that took
+        # over 10 s once (CI, a second stack starting beside the first).
+        client = self.client(timeout=INIT_TIMEOUT_S)
         if not client.sys.is_initialized():
             answer = client.sys.initialize(secret_shares=1, secret_threshold=1)
             fd = os.open(self.init_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
