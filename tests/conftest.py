@@ -326,8 +326,56 @@ def wait_for_run(gateway, run_id: str, timeout: float = 120) -> dict:
         run = gateway.call("runs", method="GET", path=run_id).json()
         if run["status"] in ("passed", "failed", "cancelled"):
             return run
-        assert time.monotonic() < deadline, f"run {run_id} still {run['status']}"
+        assert time.monotonic() < deadline, f"still {run_summary(run)}"
         time.sleep(0.3)
+
+
+def run_summary(run: dict) -> str:
+    """A run's state on one line: each stage's status and its attempts' (failure messages)."""
+    stages = [f"{s['name']} {s['status']}" + (f" ({', '.join(a['status'] for a in s['attempts'])})"
+                                              if s["attempts"] else "")
+              for s in run["stages"]]  # fmt: skip
+    return f"run {run['id']} {run['status']}: {'; '.join(stages)}"
+
+
+STACK_LOG_LINES = 8  # per log file, in a failed test's report
+PROBLEMS = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+_log_sizes = pytest.StashKey[dict]()
+
+
+def stack_logs() -> list[Path]:
+    return sorted((ROOT / ".faasci" / f"test{PORT_OFFSET or ''}" / "logs").glob("*.log"))
+
+
+def pytest_runtest_setup(item):
+    """Where the test stack's logs end as a test starts (stack_problems reads from there)."""
+    item.stash[_log_sizes] = {log: log.stat().st_size for log in stack_logs()}
+
+
+def stack_problems(sizes: dict[Path, int]) -> str:
+    """The warning and error lines the test stack's processes logged since `sizes` were
+    taken, the last few of each log: what a failed end-to-end test shows of the stack, so a
+    CI log says why without the stack's files."""
+    found = []
+    for log in stack_logs():
+        with log.open("rb") as f:
+            f.seek(max(sizes.get(log, 0), log.stat().st_size - 256 * 1024))
+            lines = f.read().decode(errors="replace").splitlines()
+        bad = [line[:300] for line in lines if any(w in line for w in PROBLEMS)]
+        if bad:
+            found.append(f"--- {log.name}\n" + "\n".join(bad[-STACK_LOG_LINES:]))
+    return "\n".join(found)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the test stack reports the stack's warnings meanwhile."""
+    report = yield
+    sizes = item.stash.get(_log_sizes, None)
+    used_stack = report.failed and "stack" in item.fixturenames and sizes is not None
+    if used_stack and (text := stack_problems(sizes)):
+        report.sections.append(("test stack: warnings and errors meanwhile", text))
+    return report
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 stack, and the run still ends passed with each stage's commands run once.
 
 "The gateway down" is cut here between the functions and the gateway: the functions reach
-it through a TCP proxy this test holds (FAASCI_FUNCTIONS_GATEWAY_URL), which refuses every
+it through a TCP proxy this test holds (FAASCI_FUNCTIONS_GATEWAY_URL), which resets every
 connection for 60 s. Stopping the local gateway process itself would stop its functions
 with it (they are its children and die with it), which is a different failure (a whole
 node down, recovered by the lease); in a cluster the gateway is a deployment of its own,
@@ -11,6 +11,7 @@ and its outage is what the functions see here: every invocation they make is ref
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -29,41 +30,42 @@ OUTAGE_S = 60
 
 
 class Proxy:
-    """A TCP proxy to `target_port` that can be cut (every connection refused, open ones
-    closed) and restored on the same port."""
+    """A TCP proxy to `target_port` that can be cut (every connection it takes is reset at
+    once, open ones closed) and restored. It keeps its port throughout: unbound for a minute,
+    the port could go to another process's outgoing connection and not come back."""
 
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.lock, self.open_sockets, self.listener = threading.Lock(), set(), None
-        self.restore()
+        self.lock, self.open_sockets, self.refusing = threading.Lock(), set(), False
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(128)
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        self.refusing = False
 
     def cut(self) -> None:
-        listener, self.listener = self.listener, None
-        if listener:
-            _close(listener)
+        self.refusing = True
         with self.lock:
             for s in self.open_sockets:
                 _close(s)
             self.open_sockets.clear()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def close(self) -> None:
+        self.cut()
+        _close(self.listener)
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refusing:  # reset, as a refused connection fails: nothing reaches it
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
@@ -114,7 +116,7 @@ def proxied_stack(tmp_path, monkeypatch):
                           token=lambda: oidc.token(cfg, "test-admin"))  # fmt: skip
         yield cfg, proxy, gateway
     finally:
-        proxy.cut()
+        proxy.close()
         control.down(cfg, say=quiet)
 
 
