@@ -91,6 +91,8 @@ def test_a_run_is_one_trace_in_the_logs_and_in_jaeger(stack, gateway, make_repo)
         assert any(x["message"].endswith(f"{stage} attempt 1 started") for x in lines), lines
 
     assert control.status(stack)["parts"]["jaeger"]["healthy"]  # `faasci status` shows it
+    # Jaeger keeps its own spans to itself (none sent to OTLP's default port, 4317)
+    assert ":4317" not in (stack.logs / "jaeger.log").read_text()
     traces = trace_when_complete(stack, trace_id)
     assert len(traces) == 1
     (trace,) = traces

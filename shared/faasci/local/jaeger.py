@@ -34,6 +34,9 @@ def config(cfg: LocalConfig) -> dict:
         "extensions": {
             "jaeger_storage": {"backends": {"memory": {"memory": {"max_traces": MAX_TRACES}}}},
             "jaeger_query": {
+                # Not its own traces: they would go to OTLP's default port, 4317, every few
+                # seconds (a warning each time in jaeger.log, or spans in a stranger's).
+                "enable_tracing": False,
                 "storage": {"traces": "memory"},
                 "http": {"endpoint": f"127.0.0.1:{cfg.jaeger_ui_port}"},
                 "grpc": {"endpoint": f"127.0.0.1:{cfg.jaeger_ui_port - 1}"},
