@@ -183,7 +183,7 @@ def run_commands(commands: list[str], launch: Launch, env: dict[str, str], timeo
         log.flush()
         running = launch(command, env, log)
         if pgid_file and running.group:
-            pgid_file.write_text(str(running.group))
+            record_group(pgid_file, running.group)
         try:
             with tracing.command_span(command):  # a child of the attempt's span
                 code = wait(running, deadline, cancel)
@@ -218,3 +218,35 @@ def wait(running: Running, deadline: float, cancel: threading.Event) -> int | st
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def record_group(pgid_file: Path, group: int) -> None:
+    """Write a running command's group to `pgid_file` with its leader's start time, so
+    kill_recorded never takes a later process that got the same number for the group."""
+    pgid_file.write_text(f"{group} {_started(group) or ''}".strip())
+
+
+def kill_recorded(pgid_file: Path) -> int | None:
+    """Kill the group `pgid_file` names, unless its number now leads another group (pids
+    wrap around: 32768 by default, a few minutes of stages). While any process of the
+    group lives, the kernel gives its number to no one, so a leader gone means the rest
+    are ours. The group's number, or None when the file is unreadable or names another."""
+    try:
+        pgid, _, started = pgid_file.read_text().partition(" ")
+        pgid = int(pgid)
+    except (OSError, ValueError):
+        return None
+    now = _started(pgid)
+    if now is not None and started and now != started.strip():
+        return None  # the number leads a process started since
+    kill_group(pgid)
+    return pgid

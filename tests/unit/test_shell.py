@@ -161,3 +161,42 @@ def test_timeout_message_comes_after_the_command_output(run):
     """The log keeps the command's own output before the timeout note."""
     _, log = run(["echo before-timeout; sleep 300"], timeout=0.5)
     assert log.index("before-timeout\n") < log.index("[faas-ci] timed out")
+
+
+def test_a_recorded_group_is_killed_even_after_its_leader_is_gone(tmp_path):
+    """kill_recorded kills a group it recorded, its leader alive or already dead (what a
+    dead function leaves: the commands' children still running in the group)."""
+    import subprocess
+
+    for leader_exits in (False, True):
+        script = "sleep 300 & echo $! > child.pid; " + ("exit 0" if leader_exits else "wait")
+        leader = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, start_new_session=True)
+        child = read_pid(tmp_path / "child.pid")
+        shell.record_group(tmp_path / "pgid", leader.pid)
+        if leader_exits:
+            leader.wait()
+        try:
+            assert shell.kill_recorded(tmp_path / "pgid") == leader.pid
+            assert gone_within(child, 2)
+        finally:
+            kill_strays(tmp_path)
+            leader.wait()
+        (tmp_path / "child.pid").unlink()
+
+
+def test_a_recorded_group_whose_number_was_reused_is_left_alone(tmp_path):
+    """A stale record whose group number now leads a process started since (pids wrap
+    around) kills nothing."""
+    import subprocess
+
+    newer = subprocess.Popen(["sleep", "300"], cwd=tmp_path, start_new_session=True)
+    try:
+        shell.record_group(tmp_path / "pgid", newer.pid)
+        recorded = (tmp_path / "pgid").read_text().split()
+        # as if the number had led an older group, started one tick before
+        (tmp_path / "pgid").write_text(f"{recorded[0]} {int(recorded[1]) - 1}")
+        assert shell.kill_recorded(tmp_path / "pgid") is None
+        assert not gone_within(newer.pid, 0.3)
+    finally:
+        newer.kill()
+        newer.wait()

@@ -99,15 +99,9 @@ class FunctionProcess(FunctionInstance):
         """Kill the commands a dead function process left running. In a container they die
         with it; here they live in process groups of their own, recorded in pgid files."""
         for pgid_file in self.workdir.glob("*/pgid"):
-            try:
-                shell.kill_group(int(pgid_file.read_text()))
-                log.warning(
-                    "function %s: killed orphaned commands (group %s)",
-                    self.spec.name,
-                    pgid_file.read_text(),
-                )
-            except (ValueError, OSError):
-                pass
+            if (group := shell.kill_recorded(pgid_file)) is not None:
+                log.warning("function %s: killed orphaned commands (group %s)",
+                            self.spec.name, group)  # fmt: skip
             pgid_file.unlink(missing_ok=True)
 
     @property
@@ -222,8 +216,7 @@ def kill_stale(cfg: LocalConfig) -> int:
             proc.kill()
     psutil.wait_procs(found, timeout=5)
     for pgid_file in cfg.workdir.glob("*/*/pgid"):
-        with contextlib.suppress(ValueError, OSError):
-            shell.kill_group(int(pgid_file.read_text()))
+        shell.kill_recorded(pgid_file)
         pgid_file.unlink(missing_ok=True)
     return len(found)
 
