@@ -220,7 +220,7 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
 
 
-def _started(pid: int) -> str | None:
+def started_at(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -232,7 +232,7 @@ def _started(pid: int) -> str | None:
 def record_group(pgid_file: Path, group: int) -> None:
     """Write a running command's group to `pgid_file` with its leader's start time, so
     kill_recorded never takes a later process that got the same number for the group."""
-    pgid_file.write_text(f"{group} {_started(group) or ''}".strip())
+    pgid_file.write_text(f"{group} {started_at(group) or ''}".strip())
 
 
 def kill_recorded(pgid_file: Path) -> int | None:
@@ -245,7 +245,7 @@ def kill_recorded(pgid_file: Path) -> int | None:
         pgid = int(pgid)
     except (OSError, ValueError):
         return None
-    now = _started(pgid)
+    now = started_at(pgid)
     if now is not None and started and now != started.strip():
         return None  # the number leads a process started since
     kill_group(pgid)

@@ -9,15 +9,20 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..shell import started_at
+
 
 def pid_of(run_dir: Path, name: str) -> int | None:
-    """The pid of a live process we started under `name`, else None (stale files removed)."""
+    """The pid of a live process we started under `name`, else None (stale files removed).
+    The file holds the pid and when that process started: a number reused by a process
+    started since (pids wrap around) is not ours, and is never signalled."""
     pidfile = run_dir / f"{name}.pid"
     try:
-        pid = int(pidfile.read_text())
+        pid_text, _, started = pidfile.read_text().partition(" ")
+        pid = int(pid_text)
     except (FileNotFoundError, ValueError):
         return None
-    if alive(pid):
+    if alive(pid) and (not started or started.strip() == started_at(pid)):
         return pid
     pidfile.unlink(missing_ok=True)
     return None
@@ -43,7 +48,7 @@ def start(
             cwd=cwd,
             start_new_session=True,
         )
-    (run_dir / f"{name}.pid").write_text(str(proc.pid))
+    (run_dir / f"{name}.pid").write_text(f"{proc.pid} {started_at(proc.pid) or ''}".strip())
     return proc.pid
 
 
