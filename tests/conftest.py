@@ -186,6 +186,7 @@ def stack_ports(gateway: int, nats: int, s3: int) -> dict[str, str]:
 # Ports of the test stack: NATS 24222 (monitor 28222), S3 28333 (SeaweedFS 28334-28346),
 # gateway 28080 with the functions on 28081 and up, OIDC 28444, Vault 28200, registry 25000.
 TEST_STACK_ENV = stack_ports(28080, 24222, 28333)
+TEST_STACK_HOME = ROOT / ".faasci" / f"test{PORT_OFFSET or ''}"
 CALLBACK_PORT = 28070 + PORT_OFFSET  # callback_receiver's; the test stack's callbacks go there
 # the default (the stack's own functions) and the receiver
 TEST_STACK_ENV["FAASCI_CALLBACK_ALLOW"] = (
@@ -230,7 +231,7 @@ def stack(scheduled_repo, webhook_repo, slack, tmp_path_factory):
     from faasci.local import control
     from faasci.local.config import LocalConfig
 
-    home = ROOT / ".faasci" / f"test{PORT_OFFSET or ''}"
+    home = TEST_STACK_HOME
     env = {
         **TEST_STACK_ENV,
         "FAASCI_STACK": str(ROOT / "stack.yml"),
@@ -343,21 +344,18 @@ PROBLEMS = ("WARNING", "ERROR", "CRITICAL", "Traceback")
 _log_sizes = pytest.StashKey[dict]()
 
 
-def stack_logs() -> list[Path]:
-    return sorted((ROOT / ".faasci" / f"test{PORT_OFFSET or ''}" / "logs").glob("*.log"))
-
-
 def pytest_runtest_setup(item):
     """Where the test stack's logs end as a test starts (stack_problems reads from there)."""
-    item.stash[_log_sizes] = {log: log.stat().st_size for log in stack_logs()}
+    logs = (TEST_STACK_HOME / "logs").glob("*.log")
+    item.stash[_log_sizes] = {log: log.stat().st_size for log in logs}
 
 
-def stack_problems(sizes: dict[Path, int]) -> str:
-    """The warning and error lines the test stack's processes logged since `sizes` were
-    taken, the last few of each log: what a failed end-to-end test shows of the stack, so a
-    CI log says why without the stack's files."""
+def stack_problems(home: Path, sizes: dict[Path, int]) -> str:
+    """The warning and error lines a stack's processes logged since `sizes` were taken (or
+    ever), the last few of each log: what a failed end-to-end test shows of the stack, so
+    a CI log says why without the stack's files."""
     found = []
-    for log in stack_logs():
+    for log in sorted((home / "logs").glob("*.log")):
         with log.open("rb") as f:
             f.seek(max(sizes.get(log, 0), log.stat().st_size - 256 * 1024))
             lines = f.read().decode(errors="replace").splitlines()
@@ -369,12 +367,19 @@ def stack_problems(sizes: dict[Path, int]) -> str:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failed test that used the test stack reports the stack's warnings meanwhile."""
+    """A failed test reports the warnings its stacks logged meanwhile: the test stack's,
+    when it used it, and those of a stack of its own (FAASCI_HOME set for the test)."""
     report = yield
-    sizes = item.stash.get(_log_sizes, None)
-    used_stack = report.failed and "stack" in item.fixturenames and sizes is not None
-    if used_stack and (text := stack_problems(sizes)):
-        report.sections.append(("test stack: warnings and errors meanwhile", text))
+    if not report.failed:
+        return report
+    homes = {}
+    if "stack" in item.fixturenames:
+        homes[TEST_STACK_HOME] = item.stash.get(_log_sizes, {})
+    if (own := os.environ.get("FAASCI_HOME")) and Path(own) != TEST_STACK_HOME:
+        homes[Path(own)] = {}
+    for home, sizes in homes.items():
+        if text := stack_problems(home, sizes):
+            report.sections.append((f"warnings and errors of the stack in {home}", text))
     return report
 
 
