@@ -214,35 +214,35 @@ def _platform_masker() -> Masker:
     return masker
 
 
+def _running_values() -> list[str]:
+    with _active_lock:
+        return [v for masker in _active.values() for v in masker.values]
+
+
 def process_masker() -> Masker:
     """The platform's secrets this process holds and the secrets of stages running now:
     a masker of its own (the caller may add to it)."""
-    platform = _platform_masker()
-    with _active_lock:
-        running = [v for masker in _active.values() for v in masker.values]
-    return platform.copy().add(running)
+    return _platform_masker().copy().add(_running_values())
 
 
 class SecretsFilter(logging.Filter):
     """Masks secret values in every record passing through (message and arguments
     rendered, exception text too). Add it to the handlers of the function's process."""
 
-    REFRESH_S = 5.0
-
     def __init__(self):
         super().__init__()
         self._masker: Masker | None = None
-        self._made = 0.0
         self._key: tuple = ()
 
     def _current(self) -> Masker:
-        from . import vault
-
+        """process_masker(), made again only when the platform's masker was (it knows when
+        its secrets may have changed) or another stage's secrets came or went."""
+        _platform_masker()
+        made, _, _, platform = _platform  # as made then, even if another thread remakes it
         with _active_lock:
-            key = (tuple(_active), len(vault.known_platform_values()))
-        now = time.monotonic()
-        if self._masker is None or key != self._key or now - self._made > self.REFRESH_S:
-            self._masker, self._made, self._key = process_masker(), now, key
+            key = (made, tuple(_active))
+        if self._masker is None or key != self._key:
+            self._masker, self._key = platform.copy().add(_running_values()), key
         return self._masker
 
     def filter(self, record: logging.LogRecord) -> bool:
