@@ -248,6 +248,9 @@ def stack(scheduled_repo, webhook_repo, slack, tmp_path_factory):
     cfg = LocalConfig.from_env()
     control.down(cfg, say=lambda *_: None)  # whatever an interrupted session left running
     shutil.rmtree(home, ignore_errors=True)
+    # and its functions' scratch space, whose node-local cache layer would otherwise
+    # give an earlier session's entries as hits (same home, same folder in /tmp)
+    shutil.rmtree(cfg.workdir, ignore_errors=True)
     cfg.secrets_dir.mkdir(parents=True)
     (cfg.secrets_dir / "slack-webhook-url").write_text(slack.webhook_url)
     try:
