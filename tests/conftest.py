@@ -335,7 +335,7 @@ def wait_for_run(gateway, run_id: str, timeout: float = 120) -> dict:
 
 
 def run_summary(run: dict) -> str:
-    """A run's state on one line: each stage's status and its attempts' (failure messages)."""
+    """A run's state on one line: each stage's status and its attempts' statuses."""
     stages = [f"{s['name']} {s['status']}" + (f" ({', '.join(a['status'] for a in s['attempts'])})"
                                               if s["attempts"] else "")
               for s in run["stages"]]  # fmt: skip

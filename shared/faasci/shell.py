@@ -183,7 +183,7 @@ def run_commands(commands: list[str], launch: Launch, env: dict[str, str], timeo
         log.flush()
         running = launch(command, env, log)
         if pgid_file and running.group:
-            record_group(pgid_file, running.group)
+            record_pid(pgid_file, running.group)
         try:
             with tracing.command_span(command):  # a child of the attempt's span
                 code = wait(running, deadline, cancel)
@@ -229,24 +229,32 @@ def started_at(pid: int) -> str | None:
         return None
 
 
-def record_group(pgid_file: Path, group: int) -> None:
-    """Write a running command's group to `pgid_file` with its leader's start time, so
-    kill_recorded never takes a later process that got the same number for the group."""
-    pgid_file.write_text(f"{group} {started_at(group) or ''}".strip())
+def record_pid(path: Path, pid: int) -> None:
+    """Write `pid` to `path` with its start time, so a reader can tell it from a later
+    process that got the same number (pids wrap around: 32768 by default, a few minutes
+    of stages)."""
+    path.write_text(f"{pid} {started_at(pid) or ''}".strip())
+
+
+def recorded_pid(path: Path) -> tuple[int, bool] | None:
+    """The pid `record_pid` wrote to `path` (or a bare pid, as older files hold) and whether
+    that number now belongs to a process started since; None when unreadable."""
+    try:
+        pid_text, _, started = path.read_text().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    now = started_at(pid)
+    return pid, bool(started.strip()) and now is not None and now != started.strip()
 
 
 def kill_recorded(pgid_file: Path) -> int | None:
-    """Kill the group `pgid_file` names, unless its number now leads another group (pids
-    wrap around: 32768 by default, a few minutes of stages). While any process of the
-    group lives, the kernel gives its number to no one, so a leader gone means the rest
-    are ours. The group's number, or None when the file is unreadable or names another."""
-    try:
-        pgid, _, started = pgid_file.read_text().partition(" ")
-        pgid = int(pgid)
-    except (OSError, ValueError):
+    """Kill the group `pgid_file` names (record_pid), unless its number now leads another
+    group. While any process of the group lives, the kernel gives its number to no one, so
+    a leader gone means the rest are ours. The group's number, or None when the file is
+    unreadable or names another."""
+    found = recorded_pid(pgid_file)
+    if found is None or found[1]:
         return None
-    now = started_at(pgid)
-    if now is not None and started and now != started.strip():
-        return None  # the number leads a process started since
-    kill_group(pgid)
-    return pgid
+    kill_group(found[0])
+    return found[0]

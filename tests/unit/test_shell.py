@@ -172,7 +172,7 @@ def test_a_recorded_group_is_killed_even_after_its_leader_is_gone(tmp_path):
         script = "sleep 300 & echo $! > child.pid; " + ("exit 0" if leader_exits else "wait")
         leader = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, start_new_session=True)
         child = read_pid(tmp_path / "child.pid")
-        shell.record_group(tmp_path / "pgid", leader.pid)
+        shell.record_pid(tmp_path / "pgid", leader.pid)
         if leader_exits:
             leader.wait()
         try:
@@ -191,7 +191,7 @@ def test_a_recorded_group_whose_number_was_reused_is_left_alone(tmp_path):
 
     newer = subprocess.Popen(["sleep", "300"], cwd=tmp_path, start_new_session=True)
     try:
-        shell.record_group(tmp_path / "pgid", newer.pid)
+        shell.record_pid(tmp_path / "pgid", newer.pid)
         recorded = (tmp_path / "pgid").read_text().split()
         # as if the number had led an older group, started one tick before
         (tmp_path / "pgid").write_text(f"{recorded[0]} {int(recorded[1]) - 1}")

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..shell import started_at
+from ..shell import record_pid, recorded_pid
 
 
 def pid_of(run_dir: Path, name: str) -> int | None:
@@ -17,12 +17,10 @@ def pid_of(run_dir: Path, name: str) -> int | None:
     The file holds the pid and when that process started: a number reused by a process
     started since (pids wrap around) is not ours, and is never signalled."""
     pidfile = run_dir / f"{name}.pid"
-    try:
-        pid_text, _, started = pidfile.read_text().partition(" ")
-        pid = int(pid_text)
-    except (FileNotFoundError, ValueError):
+    if (found := recorded_pid(pidfile)) is None:
         return None
-    if alive(pid) and (not started or started.strip() == started_at(pid)):
+    pid, reused = found
+    if alive(pid) and not reused:
         return pid
     pidfile.unlink(missing_ok=True)
     return None
@@ -48,7 +46,7 @@ def start(
             cwd=cwd,
             start_new_session=True,
         )
-    (run_dir / f"{name}.pid").write_text(f"{proc.pid} {started_at(proc.pid) or ''}".strip())
+    record_pid(run_dir / f"{name}.pid", proc.pid)
     return proc.pid
 
 
