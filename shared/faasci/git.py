@@ -19,9 +19,11 @@ Stages check out from the store, never from the repository.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -392,10 +394,87 @@ def _describe(
 
 
 def checkout(source: str, commit: str, dest: Path) -> None:
-    """A fresh work tree of `commit` at `dest` (a local source is cloned with hard links;
-    no template: git's sample hooks are files every attempt would write and remove)."""
+    """A fresh work tree of `commit` at `dest`: a clone of `source` with its objects hard
+    linked (git's clone for a URL or a repository not of faas-ci's own), then one checkout."""
     try:
-        git("clone", "--quiet", "--template=", "--no-checkout", "--", source, str(dest))
+        if _is_store(source):
+            _clone_store(Path(source), dest)
+        else:
+            git("clone", "--quiet", "--template=", "--no-checkout", "--", source, str(dest))
         git("checkout", "--quiet", "--detach", commit, cwd=dest)
-    except GitError as e:
+    except (GitError, OSError) as e:
         raise GitError(f"checkout of {commit[:12]} from {source}: {e}") from None
+
+
+def _is_store(source: str) -> bool:
+    """A store of faas-ci's own: a local bare repository (see repository_store)."""
+    return not URL_RE.match(source) and os.path.isfile(os.path.join(source, "HEAD")) \
+        and os.path.isdir(os.path.join(source, "objects"))  # fmt: skip
+
+
+def _clone_store(store: Path, dest: Path) -> None:
+    """What `git clone --no-checkout --template=` of the store writes, written here: clone
+    would start three processes (git, a shell, upload-pack) for what is file copying. Its
+    objects hard linked (copied from another file system); its branches as origin's, its
+    tags as tags (not its own refs/bases, refs/snapshots, refs/faasci); HEAD on origin's
+    default branch."""
+    dot_git = dest / ".git"
+    with open(f"{store}.lock", "a") as lock:  # no fetch or repack of the store meanwhile
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        link = os.link
+        for folder, _dirs, files in os.walk(store / "objects"):
+            into = dot_git / os.path.relpath(folder, store)
+            into.mkdir(parents=True)
+            for name in files:
+                try:
+                    link(os.path.join(folder, name), into / name)
+                except OSError as e:  # scratch in memory, the store on disk: copied, as by git
+                    if e.errno != errno.EXDEV:
+                        raise
+                    link = shutil.copy2
+                    link(os.path.join(folder, name), into / name)
+        refs = _store_refs(store)
+    for folder in ("refs/heads", "refs/tags", "refs/remotes/origin"):
+        (dot_git / folder).mkdir(parents=True)
+    packed = sorted((_as_clones(name), sha) for name, sha in refs.items())
+    (dot_git / "packed-refs").write_text("".join(f"{sha} {name}\n" for name, sha in packed))
+    config = [
+        "[core]", "\trepositoryformatversion = 0", "\tfilemode = true", "\tbare = false",
+        "\tlogallrefupdates = true", '[remote "origin"]', f"\turl = {store}",
+        "\tfetch = +refs/heads/*:refs/remotes/origin/*",
+    ]  # fmt: skip
+    default = (store / "HEAD").read_text().strip().removeprefix("ref: ")
+    if default in refs:  # clone's local branch of origin's HEAD (unborn when origin has none)
+        (dot_git / default).parent.mkdir(parents=True, exist_ok=True)
+        (dot_git / default).write_text(f"{refs[default]}\n")
+        (dot_git / "refs/remotes/origin/HEAD").write_text(f"ref: {_as_clones(default)}\n")
+    if default.startswith("refs/heads/"):
+        branch = default.removeprefix("refs/heads/")
+        config += [f'[branch "{branch}"]', "\tremote = origin", f"\tmerge = {default}"]
+    (dot_git / "config").write_text("\n".join(config) + "\n")
+    (dot_git / "HEAD").write_text(f"ref: {default}\n")
+
+
+def _as_clones(name: str) -> str:
+    """A store's ref as a clone of it names it: its branches are origin's."""
+    if name.startswith("refs/heads/"):
+        return f"refs/remotes/origin/{name.removeprefix('refs/heads/')}"
+    return name
+
+
+def _store_refs(store: Path) -> dict[str, str]:
+    """The store's branches and tags: {refs/heads/x or refs/tags/y: sha} (loose refs over
+    packed ones, as git reads them)."""
+    refs = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in (store / "packed-refs").read_text().splitlines():
+            sha, _, name = line.partition(" ")
+            if name.startswith(("refs/heads/", "refs/tags/")):
+                refs[name] = sha
+    for kind in ("heads", "tags"):
+        for folder, _dirs, files in os.walk(store / "refs" / kind):
+            for name in files:
+                sha = Path(folder, name).read_text().strip()
+                if SHA_RE.match(sha):
+                    refs[os.path.relpath(os.path.join(folder, name), store)] = sha
+    return refs

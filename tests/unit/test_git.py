@@ -522,6 +522,47 @@ def test_checkout_of_a_snapshot_from_the_snapshot_store(make_repo, store, tmp_pa
     assert not (dest / "x.log").exists()
 
 
+def test_a_checkout_from_the_store_is_what_gits_own_clone_makes(make_repo, store, tmp_path):
+    """From a store, checkout writes the clone itself: the same refs (branches as origin's,
+    tags, packed or loose; none of the store's own), HEAD, config and work tree as `git
+    clone` of the store followed by the same checkout."""
+    repo = make_repo({"a.txt": "one\n"})
+    git(repo, "tag", "light")
+    git(repo, "tag", "-a", "-m", "annotated", "v1")
+    git(repo, "checkout", "--quiet", "-b", "feature/x")
+    (repo / "a.txt").write_text("two\n")
+    commit_all(repo, "two")
+    git(repo, "checkout", "--quiet", "main")
+    (repo / "dirty.txt").write_text("uncommitted\n")  # a snapshot: refs/snapshots in the store
+    resolved = resolve(repo, None, store)
+    source = resolved.source
+    git(Path(source), "pack-refs", "--all")  # some refs packed, some loose
+    git(Path(source), "update-ref", "refs/heads/later", resolved.commit)
+
+    def seen(dest: Path) -> dict[str, str]:
+        return {"refs": git(dest, "for-each-ref", "--format=%(refname) %(objectname) %(symref)"),
+                "head": git(dest, "rev-parse", "HEAD"),
+                "status": git(dest, "status", "--porcelain"),
+                "config": git(dest, "config", "--local", "--list"),
+                "files": sorted(str(f.relative_to(dest)) for f in dest.rglob("*")
+                                if ".git" not in f.parts),
+                "describe": git(dest, "describe", "--tags", "--always", "--dirty")}  # fmt: skip
+
+    # The store's HEAD names a branch the repository lacks (git init's), then one it has.
+    for default in ("refs/heads/master", "refs/heads/main"):
+        git(Path(source), "symbolic-ref", "HEAD", default)
+        mine, theirs = tmp_path / f"mine-{default[11:]}", tmp_path / f"theirs-{default[11:]}"
+        fgit.checkout(source, resolved.commit, mine)
+        git(tmp_path, "clone", "--quiet", "--template=", "--no-checkout", "--", source, str(theirs))
+        git(theirs, "checkout", "--quiet", "--detach", resolved.commit)
+        assert seen(mine) == seen(theirs)
+    assert "refs/remotes/origin/HEAD" in seen(mine)["refs"]
+    assert "refs/remotes/origin/feature/x" in seen(mine)["refs"]
+    assert "refs/snapshots" not in seen(mine)["refs"]
+    assert (mine / "dirty.txt").read_text() == "uncommitted\n"
+    assert (mine / ".git" / "objects").stat().st_dev == Path(source).stat().st_dev
+
+
 def test_checkout_of_an_unknown_commit_is_a_git_error(make_repo, tmp_path):
     """A commit the source does not have raises GitError naming the commit."""
     repo = make_repo({"a.txt": "x"})
