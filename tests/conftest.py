@@ -224,6 +224,24 @@ def slack():
         yield fake
 
 
+@contextlib.contextmanager
+def started(cfg):
+    """`cfg`'s local stack, started afresh (its scratch space too: an earlier session's
+    node-local cache would give hits), then stopped and its scratch space removed (it is
+    in memory: not to be left to the machine's next user)."""
+    from faasci.local import control
+    from faasci.stage import remove_tree
+
+    control.down(cfg, say=lambda *_: None)  # whatever an interrupted session left running
+    remove_tree(cfg.workdir)
+    try:
+        control.up(cfg, say=lambda *_: None)
+        yield cfg
+    finally:
+        control.down(cfg, say=lambda *_: None)
+        remove_tree(cfg.workdir)
+
+
 @pytest.fixture(scope="session")
 def stack(scheduled_repo, webhook_repo, slack, tmp_path_factory):
     """The real local stack, started afresh once for the session in .faasci/test/, its
@@ -248,16 +266,12 @@ def stack(scheduled_repo, webhook_repo, slack, tmp_path_factory):
     cfg = LocalConfig.from_env()
     control.down(cfg, say=lambda *_: None)  # whatever an interrupted session left running
     shutil.rmtree(home, ignore_errors=True)
-    # and its functions' scratch space, whose node-local cache layer would otherwise
-    # give an earlier session's entries as hits (same home, same folder in /tmp)
-    shutil.rmtree(cfg.workdir, ignore_errors=True)
     cfg.secrets_dir.mkdir(parents=True)
     (cfg.secrets_dir / "slack-webhook-url").write_text(slack.webhook_url)
     try:
-        control.up(cfg, say=lambda *_: None)
-        yield cfg
+        with started(cfg):
+            yield cfg
     finally:
-        control.down(cfg, say=lambda *_: None)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -18,10 +18,10 @@ from collections import Counter
 from datetime import datetime
 
 import pytest
-from conftest import ROOT, stack_ports, start_run
+from conftest import ROOT, stack_ports, start_run, started
 
 from faasci.invoke import Gateway
-from faasci.local import control, oidc
+from faasci.local import oidc
 from faasci.local.config import LocalConfig
 
 # The ports of test_local_stack's second stack: these tests never run at the same time.
@@ -108,16 +108,13 @@ def proxied_stack(tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     cfg = LocalConfig.from_env()
-    quiet = lambda *_: None  # noqa: E731
-    control.down(cfg, say=quiet)  # whatever an interrupted session left
     try:
-        control.up(cfg, say=quiet)
-        gateway = Gateway(cfg.gateway_url, timeout=120,
-                          token=lambda: oidc.token(cfg, "test-admin"))  # fmt: skip
-        yield cfg, proxy, gateway
+        with started(cfg):
+            gateway = Gateway(cfg.gateway_url, timeout=120,
+                              token=lambda: oidc.token(cfg, "test-admin"))  # fmt: skip
+            yield cfg, proxy, gateway
     finally:
         proxy.close()
-        control.down(cfg, say=quiet)
 
 
 def _record(gateway, run_id: str) -> dict:

@@ -10,10 +10,10 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ROOT, stack_ports, start_run
+from conftest import ROOT, stack_ports, start_run, started
 
 from faasci.invoke import Gateway
-from faasci.local import control, oidc, processes, services
+from faasci.local import oidc, processes, services
 from faasci.local.config import LocalConfig
 
 # The ports of test_local_stack's second stack: these tests never run at the same time.
@@ -31,14 +31,11 @@ def own_stack(tmp_path_factory):
     os.environ.pop("FAASCI_SECRETS_DIR", None)
     os.environ.update(env)
     cfg = LocalConfig.from_env()
-    quiet = lambda *_: None  # noqa: E731
-    control.down(cfg, say=quiet)  # whatever an interrupted session left
     try:
-        control.up(cfg, say=quiet)
-        yield cfg, Gateway(cfg.gateway_url, timeout=120,
-                           token=lambda: oidc.token(cfg, "test-admin"))  # fmt: skip
+        with started(cfg):
+            yield cfg, Gateway(cfg.gateway_url, timeout=120,
+                               token=lambda: oidc.token(cfg, "test-admin"))  # fmt: skip
     finally:
-        control.down(cfg, say=quiet)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
