@@ -38,6 +38,12 @@ def scratch_root() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def memory_quarter() -> int:
+    """A quarter of the memory file system, in bytes."""
+    fs = os.statvfs(MEMORY_FS)
+    return fs.f_frsize * fs.f_blocks // 4
+
+
 def stack_tag(home: Path) -> str:
     """A short name for the stack whose data lives in `home`."""
     return hashlib.sha256(str(home).encode()).hexdigest()[:10]
@@ -143,6 +149,10 @@ class LocalConfig:
         return scratch_root() / f"faasci-work-{self.tag}"
 
     @property
+    def in_memory(self) -> bool:
+        return self.workdir.is_relative_to(MEMORY_FS)
+
+    @property
     def cache_dir(self) -> Path:
         """The node-local layer of dependency caches, shared by every function here."""
         return self.workdir / "cache"
@@ -154,6 +164,8 @@ class LocalConfig:
 
         return {
             "FAASCI_CACHE_DIR": str(self.cache_dir),
+            # In memory, the cache layer may fill a quarter of it (on disk: the default).
+            **({"FAASCI_CACHE_MAX_BYTES": str(memory_quarter())} if self.in_memory else {}),
             "FAASCI_SANDBOX_HIDE": f"{self.home}:{self.workdir}",
             "DOCKER_HOST": Engine.for_stack(self).docker_host,
             # Trivy's cache, with the offline database `up` writes (faasci.scan).
