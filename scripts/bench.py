@@ -990,6 +990,7 @@ def run_benchmarks(parts: list[str], repeat: int, projects: list[str]) -> dict:
             result["error"] = str(e)
         finally:
             stack.down()
+            remove_tree(stack.cfg.workdir)  # in memory: not left behind
     result["polling"] = {"interval_ms": POLL_S * 1000, "get_ms_p50": median(stack.polls_ms),
                          "gets": len(stack.polls_ms)}  # fmt: skip
     result["bench_s"] = round(time.monotonic() - started, 1)

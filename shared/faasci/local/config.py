@@ -49,6 +49,11 @@ def stack_tag(home: Path) -> str:
     return hashlib.sha256(str(home).encode()).hexdigest()[:10]
 
 
+def scratch_of(home: Path) -> Path:
+    """The functions' scratch space of the stack whose data lives in `home`."""
+    return scratch_root() / f"faasci-work-{stack_tag(home)}"
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     stack_file: Path
@@ -146,7 +151,7 @@ class LocalConfig:
         """Scratch space of the functions (checkouts, unpacked caches), not data worth
         keeping: in memory, like a pod's `emptyDir: {medium: Memory}`, where the machine has
         a memory file system (else its temp folder)."""
-        return scratch_root() / f"faasci-work-{self.tag}"
+        return scratch_of(self.home)
 
     @property
     def in_memory(self) -> bool:
