@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -240,6 +241,17 @@ def started(cfg):
     finally:
         control.down(cfg, say=lambda *_: None)
         remove_tree(cfg.workdir)
+
+
+def stopped(env: dict) -> None:
+    """`faasci down` of a stack the CLI started with `env`, and its scratch space removed
+    (as started() does)."""
+    from faasci.local.config import scratch_of
+    from faasci.stage import remove_tree
+
+    faasci_cli = str(Path(sys.executable).parent / "faasci")
+    subprocess.run([faasci_cli, "down"], env=env, capture_output=True, timeout=180)
+    remove_tree(scratch_of(Path(env["FAASCI_HOME"]).resolve()))
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import PORT_OFFSET, ROOT, SAMPLE, commit_all, git, stack_ports
+from conftest import PORT_OFFSET, ROOT, SAMPLE, commit_all, git, stack_ports, stopped
 
 from faasci.local import containers
-from faasci.local.config import scratch_of, stack_tag
+from faasci.local.config import stack_tag
 from faasci.local.engine import Engine
-from faasci.stage import remove_tree
 
 FAASCI = str(Path(sys.executable).parent / "faasci")
 PORTS = stack_ports(31080, 27222, 31333)
@@ -71,9 +70,7 @@ def stack(tmp_path_factory):
         assert up.returncode == 0, up.stdout + up.stderr
         yield env, repo
     finally:
-        faasci(env, "down", timeout=180)
-        # and its functions' scratch space, in memory (as the conftest's started() does)
-        remove_tree(scratch_of(Path(env["FAASCI_HOME"]).resolve()))
+        stopped(env)
 
 
 def system(env, path: str) -> requests.Response:

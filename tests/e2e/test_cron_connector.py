@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, stack_ports
+from conftest import ROOT, stack_ports, stopped
 
 from faasci.local.config import openfaas_tool
 
@@ -65,7 +65,7 @@ def tick_stack(tmp_path):
         assert up.returncode == 0, up.stderr
         yield up, ticks
     finally:
-        subprocess.run([FAASCI, "down"], env=env, capture_output=True, timeout=120)
+        stopped(env)
 
 
 def read_ticks(path: Path) -> list[dict]:

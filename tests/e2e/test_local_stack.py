@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PORT_OFFSET, ROOT, stack_ports
+from conftest import PORT_OFFSET, ROOT, stack_ports, stopped
 
 from faasci.local import processes
 from faasci.local.config import LocalConfig
@@ -29,7 +29,7 @@ def other_stack(tmp_path):
            "FAASCI_STACK": str(ROOT / "stack.yml")}  # fmt: skip
     env.pop("FAASCI_SECRETS_DIR", None)
     yield env
-    subprocess.run([FAASCI, "down"], env=env, capture_output=True, timeout=120)
+    stopped(env)
 
 
 def faasci(env, *args, timeout=300):
