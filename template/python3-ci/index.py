@@ -57,6 +57,10 @@ gc.enable()
 MAX_BODY_BYTES = 256_000  # the OpenFaaS queue-worker's cap, enforced for every invocation
 MAX_JSON_DEPTH = 64  # arrays and objects inside one another, in any JSON body
 QUIET_S = 1.0  # draining ends after this long with no request in flight
+# A JSON string (or the unterminated rest of one), its loop unrolled so that runs of plain
+# characters match in one step: ten times faster on a hand-off's record than an alternation.
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?')
+NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -223,8 +227,7 @@ def json_depth(body: bytes) -> int:
     counted without parsing (no recursion); brackets inside strings do not count."""
     if body.lstrip()[:1] not in (b"[", b"{"):
         return 0
-    body = re.sub(rb'"(?:[^"\\]|\\.)*"?', b"", body)
-    brackets = body.translate(None, bytes(b for b in range(256) if b not in b"[]{}"))
+    brackets = JSON_STRING.sub(b"", body).translate(None, NOT_BRACKETS)
     return max(itertools.accumulate(1 if c in b"[{" else -1 for c in brackets))
 
 
