@@ -31,7 +31,10 @@ from .usage import record as record_usage
 
 KILL_GRACE_S = 5
 POLL_S = 0.2
-SAMPLE_S = 0.05  # how often a running command's memory high-water marks are read
+# A running command's memory high-water marks are read after SAMPLE_S, then ever less often
+# up to every SAMPLE_MAX_S (a high-water mark stays; a reading costs ~1 ms of CPU).
+SAMPLE_S = 0.05
+SAMPLE_MAX_S = 1.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -88,8 +91,9 @@ class Process:
         self.proc, self.group = proc, proc.pid
         self._started, self._used, self._at_stop = time.monotonic(), None, None
         # What its first process inherited by the fork, and the tree's high-water marks
-        # seen while it runs (usage.from_rusage), read every SAMPLE_S.
-        self._inherited, self._hwm, self._sampled_at = own_rss(), 0, time.monotonic()
+        # seen while it runs (usage.from_rusage), read from SAMPLE_S on.
+        self._inherited, self._hwm = own_rss(), 0
+        self._sampled_at, self._sample_every = time.monotonic(), SAMPLE_S
 
     def wait(self, timeout: float) -> int | None:
         """Reaped with wait4 (as Popen.wait polls, backing off to 50 ms): its rusage is the
@@ -114,8 +118,9 @@ class Process:
                                               self._at_stop.peak_rss_bytes)})  # fmt: skip
                 return self.proc.returncode
             now = time.monotonic()
-            if now - self._sampled_at >= SAMPLE_S:
+            if now - self._sampled_at >= self._sample_every:
                 self._hwm, self._sampled_at = max(self._hwm, tree_hwm(self.proc.pid)), now
+                self._sample_every = min(self._sample_every * 2, SAMPLE_MAX_S)
             remaining = deadline - now
             if remaining <= 0:
                 return None

@@ -80,14 +80,28 @@ def own_rss() -> int:
 
 def tree_hwm(pid: int) -> int:
     """The largest resident high-water mark (VmHWM, since its exec) among a live process
-    and its descendants, bytes; 0 when it is gone."""
-    import psutil
-
-    try:
-        tree = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
-    except psutil.Error:
-        return 0
+    and its descendants, bytes; 0 when it is gone. The tree is found in one pass over
+    /proc/<pid>/stat (no process objects: it runs beside every command)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (parent := _parent(entry.name)) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(member := todo.pop())
+        todo += children.get(member, ())
     return max(hwm(member) for member in tree)
+
+
+def _parent(pid: str) -> int | None:
+    """A process's parent pid from /proc/<pid>/stat ("pid (comm) state ppid ...", the
+    command name may hold spaces and parentheses); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split(b" ", 2)[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Meter:

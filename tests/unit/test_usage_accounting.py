@@ -1,7 +1,10 @@
 """faasci.usage with real processes: the kernel's accounting (wait4) of a command's process
 tree, plain and in the stage sandbox, summed over a block's commands."""
 
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,28 @@ def test_a_large_launcher_does_not_pass_its_memory_off_as_the_commands(tmp_path)
     _, hold = run_plain(tmp_path, HOLD)
     assert len(ballast) and 0 < burn.peak_rss_bytes < 80 * 2**20
     assert 80 * 2**20 <= hold.peak_rss_bytes < 300 * 2**20
+
+
+def test_the_tree_high_water_mark_finds_a_grandchild_whatever_its_name(tmp_path):
+    """tree_hwm: the largest VmHWM among a process and its descendants, here a grandchild
+    holding 80 MiB under a name with spaces and parentheses (as /proc/<pid>/stat shows
+    it); 0 for a process that is gone."""
+    odd = tmp_path / "a) b (c"
+    odd.symlink_to(Path(sys.executable).resolve())
+    hold = (
+        "import time\nb = bytearray(80 * 2**20)\nb[::4096] = b'x' * len(b[::4096])\n"
+        "open('held', 'w').close()\ntime.sleep(30)"
+    )
+    parent = subprocess.Popen(["sh", "-c", f'"{odd}" -c "{hold}"; true'], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "held").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert usage.hwm(parent.pid) < 20 * 2**20 <= 80 * 2**20 <= usage.tree_hwm(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert usage.tree_hwm(parent.pid) == 0
 
 
 def test_a_command_stopped_at_its_deadline_is_still_counted(tmp_path):
