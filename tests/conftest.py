@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample-service"
+FAASCI = str(Path(sys.executable).parent / "faasci")  # the CLI of this environment
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
     "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
@@ -249,8 +250,7 @@ def stopped(env: dict) -> None:
     from faasci.local.config import scratch_of
     from faasci.stage import remove_tree
 
-    faasci_cli = str(Path(sys.executable).parent / "faasci")
-    subprocess.run([faasci_cli, "down"], env=env, capture_output=True, timeout=180)
+    subprocess.run([FAASCI, "down"], env=env, capture_output=True, timeout=180)
     remove_tree(scratch_of(Path(env["FAASCI_HOME"]).resolve()))
 
 

@@ -7,19 +7,15 @@ import getpass
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import nats
 import pytest
 import requests
-from conftest import wait_for_run
+from conftest import FAASCI, wait_for_run
 
 from faasci import audit
 from faasci.local.cron import CRON_HEADERS
-
-FAASCI = str(Path(sys.executable).parent / "faasci")
 
 
 def faasci(*args: str) -> str:

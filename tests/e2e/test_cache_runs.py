@@ -6,16 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from conftest import commit_all, git, wait_for_run
+from conftest import FAASCI, commit_all, git, wait_for_run
 
 from faasci import cache, services
-
-FAASCI = str(Path(sys.executable).parent / "faasci")
 
 
 def cached_repo(make_repo, tmp_path, service: str):

@@ -6,13 +6,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import FAASCI
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 RUN_ID = re.compile(r"run (\d{8}-\d{6}-[0-9a-f]{6})")
 # What points a process at the test stack: the CLI must find it from its user config instead.
 STACK_VARIABLES = ("FAASCI_STACK", "FAASCI_HOME", "OPENFAAS_URL", "FAASCI_NATS_PORT",

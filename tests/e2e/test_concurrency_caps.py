@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from conftest import ROOT, start_run, wait_for_run
+from conftest import FAASCI, ROOT, start_run, wait_for_run
 
 from faasci.invoke import Gateway
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 RUNS = 5
 CLAIM_SLACK = timedelta(seconds=0.5)  # a slot is taken a moment before the attempt's claim
 

@@ -11,20 +11,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import PORT_OFFSET, ROOT, SAMPLE, commit_all, git, stack_ports, stopped
+from conftest import FAASCI, PORT_OFFSET, ROOT, SAMPLE, commit_all, git, stack_ports, stopped
 
 from faasci.local import containers
 from faasci.local.config import stack_tag
 from faasci.local.engine import Engine
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 PORTS = stack_ports(31080, 27222, 31333)
 GATEWAY = PORTS["OPENFAAS_URL"]
 ENGINE_HOME = ROOT / ".faasci" / f"podman-test{PORT_OFFSET or ''}"

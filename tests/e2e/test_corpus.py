@@ -22,11 +22,10 @@ from pathlib import Path
 
 import dependency_groups
 import pytest
-from conftest import CORPUS_PROJECTS, commit_all, corpus_repo, git, wait_for_run
+from conftest import CORPUS_PROJECTS, FAASCI, commit_all, corpus_repo, git, wait_for_run
 
 pytestmark = pytest.mark.timeout(1800)
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 RUN_TIMEOUT = 1200
 
 # A pipeline file saying what the default says, in a person's words.

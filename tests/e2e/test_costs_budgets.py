@@ -5,15 +5,13 @@ the run, and a service's tiny monthly budget raises one 80% alert at the (fake) 
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import commit_all, git, start_run, wait_for_run
+from conftest import FAASCI, commit_all, git, start_run, wait_for_run
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 # 0.2 s of CPU time by the process's own clock (however busy the machine is).
 BURN = ("python3 -c \"import time; t = time.process_time(); "
         "[0 for _ in iter(lambda: time.process_time() - t < 0.2, False)]\"")  # fmt: skip

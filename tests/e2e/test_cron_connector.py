@@ -7,17 +7,14 @@ About two minutes long: it waits for two minute boundaries."""
 import json
 import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, stack_ports, stopped
+from conftest import FAASCI, ROOT, stack_ports, stopped
 
 from faasci.local.config import openfaas_tool
-
-FAASCI = str(Path(sys.executable).parent / "faasci")
 
 TICK_STACK = """\
 version: 1.0

@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-from conftest import commit_all, git, log_of, start_run, wait_for_run
-
-FAASCI = str(Path(sys.executable).parent / "faasci")
+from conftest import FAASCI, commit_all, git, log_of, start_run, wait_for_run
 
 
 def library(make_repo, service: str, package: str, version: str, name: str | None = None):

@@ -5,16 +5,13 @@ after an admin approves the run over HTTP (a runner's approval is refused)."""
 
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import commit_all, git, log_of, new_env_repo, wait_for_run
+from conftest import FAASCI, commit_all, git, log_of, new_env_repo, wait_for_run
 
 SERVICE = "promoted-service"
-FAASCI = str(Path(sys.executable).parent / "faasci")
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,17 @@ runs, and a large log passes through pipeline-log and the gateway in constant me
 
 import os
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-from conftest import start_run, wait_for_run
+from conftest import FAASCI, start_run, wait_for_run
 
 from faasci.local import processes
 
 pytestmark = pytest.mark.timeout(300)
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 RSS_GROWTH_BOUND = 32 * 2**20
 
 

@@ -5,19 +5,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import PORT_OFFSET, ROOT, stack_ports, stopped
+from conftest import FAASCI, PORT_OFFSET, ROOT, stack_ports, stopped
 
 from faasci.local import processes
 from faasci.local.config import LocalConfig
 from faasci.local.openfaas_api import credentials
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 OTHER_STACK = stack_ports(29080, 25222, 29333)
 OTHER_GATEWAY = OTHER_STACK["OPENFAAS_URL"]
 

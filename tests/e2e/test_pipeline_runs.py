@@ -4,12 +4,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import ROOT, SAMPLE, commit_all, git, wait_for_run
-
-FAASCI = str(Path(sys.executable).parent / "faasci")
+from conftest import FAASCI, ROOT, SAMPLE, commit_all, git, wait_for_run
 
 
 def faasci(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -5,20 +5,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import wait_for_run
+from conftest import FAASCI, wait_for_run
 
 from faasci.local import processes, services
-
-FAASCI = str(Path(sys.executable).parent / "faasci")
 
 
 def pipeline_repo(make_repo, stages: str):

@@ -5,16 +5,14 @@ per stage attempt, retries included."""
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, wait_for_run
+from conftest import FAASCI, ROOT, wait_for_run
 
 from faasci import tracing
 from faasci.local import control, jaeger
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 ATTEMPTS = {("lint", 1), ("unit", 1), ("unit", 2), ("integration", 1)}
 PIPELINE = """\
 service: traced

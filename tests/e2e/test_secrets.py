@@ -6,17 +6,15 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
 
-from conftest import ROOT, wait_for_run
+from conftest import FAASCI, ROOT, wait_for_run
 
 from faasci import cache
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 PASSWORD = "e2e/Pa55+word&more=chars"
 FORMS = {
     "plain": PASSWORD,

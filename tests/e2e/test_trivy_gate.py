@@ -18,15 +18,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import log_of, start_run, wait_for_run
+from conftest import FAASCI, log_of, start_run, wait_for_run
 
 from faasci import scan, services
 
-FAASCI = str(Path(sys.executable).parent / "faasci")
 AWS_KEY_ID = "AKIA" + "2E0A8F3B244C9986"  # not the documented example key, which is allowed
 AWS_SECRET = "6a7d8f2e9b1c4d3e" + "5f6a7b8c9d0e1f2a3b4c5d6e"
 VULNERABLE = "faasci-test-vulnerable"  # the package the test database knows a CVE of
