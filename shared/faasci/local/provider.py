@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-import requests
 import urllib3
 
 from .. import shell
@@ -82,9 +81,10 @@ class FunctionInstance:
 
     def ready(self) -> bool:
         """Can it take work? Its own answer on /_/ready (dependencies included)."""
+        url = f"{self.url}/_/ready"
         try:
-            return requests.get(f"{self.url}/_/ready", timeout=1).status_code == 200
-        except requests.RequestException:
+            return urllib3.request("GET", url, timeout=1, retries=False).status == 200
+        except urllib3.exceptions.HTTPError:
             return False
 
 
